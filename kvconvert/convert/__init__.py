@@ -1,0 +1,1 @@
+"""Conversion passes: know checkpoints and adapters, nothing of deployment."""

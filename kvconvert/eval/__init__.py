@@ -1,0 +1,1 @@
+"""Measurements: perplexity, KV size, needle retrieval."""

@@ -1,0 +1,1 @@
+"""Export: ONNX, TensorRT engines, Triton repositories. May use runtime and kernels."""

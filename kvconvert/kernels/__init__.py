@@ -1,0 +1,1 @@
+"""Kernels: leaves that import only torch/triton. Each Triton kernel sits beside an eager reference."""

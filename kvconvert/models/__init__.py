@@ -1,0 +1,24 @@
+"""Architecture adapters: describe models, never act on them."""
+
+from .registry import (
+    ArchitectureAdapter,
+    describe,
+    get_adapter,
+    gqa_capable_model_types,
+    register,
+    registered_model_types,
+)
+from .view import AttentionView, ProjectionNames, RopeSpec, dtype_bytes
+
+__all__ = [
+    "ArchitectureAdapter",
+    "AttentionView",
+    "ProjectionNames",
+    "RopeSpec",
+    "describe",
+    "dtype_bytes",
+    "get_adapter",
+    "gqa_capable_model_types",
+    "register",
+    "registered_model_types",
+]

