@@ -1,0 +1,1 @@
+"""One module per `kvconvert export <target>` (onnx, engine, triton); each has `register(sub, common)`."""
