@@ -49,3 +49,24 @@ def logits_of(folder: Path, ids: torch.Tensor) -> torch.Tensor:
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return model(ids).logits
+
+
+def shuffle_kv_heads(src: Path, dst: Path, kv_order: list[int]) -> Path:
+    """Write `src` with its KV heads (and their query heads) reordered: the same function, other grouping."""
+    from safetensors.torch import load_file, save_file
+
+    from kvconvert.convert.gqa_grouping import permute_heads
+    from kvconvert.convert.gqa_layout import layer_tensors, read_layer
+
+    source = resolve_source(src)
+    view = describe(source.config_dict())
+    state = {}
+    for f in source.weight_files:
+        state.update(load_file(f))
+    for layer in range(view.num_layers):
+        w = permute_heads(read_layer(state.__getitem__, view, layer), kv_order, view.num_heads, view.head_dim)
+        state.update({k: v.contiguous() for k, v in layer_tensors(view, layer, w).items()})
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    save_file(state, str(Path(dst) / "model.safetensors"), metadata={"format": "pt"})
+    copy_side_files(source.path, Path(dst))
+    return Path(dst)
