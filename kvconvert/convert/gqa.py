@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -113,6 +114,8 @@ def mha_to_gqa(model, cfg: GQAConfig, out, *, overwrite: bool = False, calib: Ca
     check_groups(view, cfg.groups)
     check_target(Path(out), overwrite, (source.path,))
     fit_data, heal_data = _calibration(source, cfg, calib)
+    hashing = threading.Thread(target=source.content_hash, daemon=True)  # overlaps the conversion's I/O
+    hashing.start()
     max_shard = parse_size(cfg.max_shard_size)
     new_config = output_config(config, cfg.groups)
     metrics: dict[str, Any] = {"kv_heads": [view.num_kv_heads, cfg.groups]}
@@ -152,6 +155,7 @@ def mha_to_gqa(model, cfg: GQAConfig, out, *, overwrite: bool = False, calib: Ca
                                          describe(new_config).kv_bytes_per_token(cfg.eval.kv_dtype)]
         if cfg.evaluate:
             metrics.update(_evaluate(source, tmp, teacher, cfg.eval, progress))
+        hashing.join()
         seconds = time.perf_counter() - t0
         record = provenance.new_record(source.provenance(), parent=provenance.read(source.path))
         provenance.add_pass(record, "mha_to_gqa", cfg.model_dump(), seconds, metrics)
