@@ -94,3 +94,16 @@ def test_cli_calibrated_with_heal_records_everything(cli, tiny_folder, tmp_path)
     params = rec["passes"][-1]["params"]
     assert params["method"] == "calibrated" and params["heal"]["steps"] == 2 and params["calib"]["samples"] == 4
     assert rec["metrics"]["eval"]["kv_bytes_per_token"] * 2 == rec["metrics"]["baseline_eval"]["kv_bytes_per_token"]
+
+
+def test_partial_rotary_keeps_non_rotary_dims_exact(tmp_path, tiny_tok):
+    from tiny_models import save_tiny, tiny_model
+
+    model = tiny_model("phi3", 2, partial_rotary_factor=0.5)
+    assert describe(model.config).rope.rotary_dim < describe(model.config).head_dim
+    src = save_tiny(model, tmp_path / "src", tiny_tok)
+    wide = expand_kv(src, tmp_path / "wide", 4)
+    res = _convert(wide, tmp_path / "o", 2)
+    torch.testing.assert_close(logits_of(res.out, IDS), logits_of(src, IDS), rtol=1e-4, atol=1e-4)
+    one = _convert(src, tmp_path / "one", 1)
+    assert 0 < one.metrics["fit"]["key_error"] < 1
