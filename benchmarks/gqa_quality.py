@@ -43,7 +43,13 @@ def main() -> None:
     ap.add_argument("--milestones", type=int, nargs="*", default=[10, 25, 50])
     ap.add_argument("--heal-lr", type=float, default=5e-4)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "gqa_quality"))
+    ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG from a saved JSON")
     args = ap.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text())["rows"], out.with_suffix(".png"), "SmolLM2-135M, 3 -> 1 KV heads")
+        return
 
     import torch
 
@@ -69,6 +75,7 @@ def main() -> None:
         ppl = perplexity(model, eval_ids, chunk=512, max_tokens=2048)
         rows.append({"method": name, "perplexity": ppl, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)})
         print(f"{name:<34}{ppl:>12.2f}{wall:>10.1f}{cpu:>10.1f}{cpu / 2:>10.1f}", flush=True)
+        out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=2))  # kept if interrupted
 
     print(f"{view.model_type}: {view.num_heads} heads, {view.num_kv_heads} -> {args.groups} KV heads")
     print(f"{'method':<34}{'perplexity':>12}{'wall s':>10}{'cpu s':>10}{'cpu s/2':>10}")
@@ -101,10 +108,13 @@ def main() -> None:
                 spent["cpu"] += c
 
         heal(student, teacher, hcfg, calib=data, progress=False, on_step=on_step)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "fit": {k: v for k, v in fit.items()
                                                                            if k != "layers"}}, indent=2))
+    plot(rows, out.with_suffix(".png"), f"SmolLM2-135M, {view.num_kv_heads} -> {args.groups} KV heads")
+    print(f"saved {out.with_suffix('.png')} and {out.with_suffix('.json')}")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,11 +128,10 @@ def main() -> None:
     for i, r in enumerate(rows[::-1]):
         ax.text(r["perplexity"], i, f" {r['perplexity']:.1f} ({r['cpu_s'] / 2:.0f} s)", va="center", fontsize=8)
     ax.set_xlabel("perplexity (GPL-3, 2048 tokens; log scale); in brackets: CPU s / 2")
-    ax.set_title(f"SmolLM2-135M, {view.num_kv_heads} -> {args.groups} KV heads")
+    ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
-    print(f"saved {out.with_suffix('.png')} and {out.with_suffix('.json')}")
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
