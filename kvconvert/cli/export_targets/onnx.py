@@ -22,7 +22,7 @@ def register(sub, common) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (17)")
     p.add_argument("--no-validate", dest="validate", action="store_false", default=None,
                    help="skip the ONNX Runtime vs PyTorch check")
-    p.add_argument("--tolerance", type=float, default=None, help="max abs logit difference allowed (fp32: 1e-4)")
+    p.add_argument("--tolerance", type=float, default=None, help="allowed max|logit diff| / max(1, max|logit|) (fp32: 1e-4)")
     p.set_defaults(func=run)
 
 
@@ -35,11 +35,13 @@ def run(args) -> int:
     result = export_onnx(open_source(args), cfg, args.out, overwrite=args.overwrite,
                          progress=not getattr(args, "quiet", False))
     m = result.metrics
-    print(f"wrote {result.out}/model.onnx: {m['onnx_bytes'] / 2**20:.1f} MiB, opset {', '.join(f'{k} {v}' for k, v in m['opset'].items())}, "
+    opsets = ", ".join(f"{k} {v}" for k, v in m["opset"].items())
+    print(f"wrote {result.out}/model.onnx: {m['onnx_bytes'] / 2**20:.1f} MiB, opset {opsets}, "
           f"IR {m['ir_version']}, {m['export_seconds']:.1f} s")
     v = m.get("validation")
     if v:
         print(f"validation vs PyTorch (batch {v['batch']}, prefill {v['prompt_len']} + {v['decode_steps']} decode "
               f"steps): max abs logit diff {v['max_abs_diff']:.3g} (prefill {v['prefill_max_abs_diff']:.3g}, "
-              f"decode {v['decode_max_abs_diff']:.3g}; tolerance {v['tolerance']:.3g})")
+              f"decode {v['decode_max_abs_diff']:.3g}); relative to max|logit| {v['logit_scale']:.3g}: "
+              f"{v['scaled_max_abs_diff']:.3g} (tolerance {v['tolerance']:.3g})")
     return 0

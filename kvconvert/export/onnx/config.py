@@ -20,7 +20,7 @@ with warnings.catch_warnings():  # the field `validate` (INTERFACES.md) shadows 
         (None: the model's max_position_embeddings, capped at 4096). `policy`: a sparse attention policy spec
         (`parse_policy_spec` syntax or a YAML path; None = dense). `logits`: "all" positions or only the "last".
         `validate`: compare ONNX Runtime against PyTorch (prefill + `validate_decode_steps` decode steps) and fail
-        above `tolerance` (None: per dtype, 1e-4 for fp32). `external_data`: weights in `model.onnx.data`
+        when max|logit diff| / max(1, max|logit|) exceeds `tolerance` (None: per dtype, 1e-4 for fp32). `external_data`: weights in `model.onnx.data`
         ("auto": when the weights exceed `external_threshold_mb`).
         """
 

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 
@@ -67,11 +68,44 @@ def trace_to_onnx(step: DecoderStep, max_context: int, dtype: torch.dtype, opset
                            f"{len(attention_nodes)}")
     for i, node in enumerate(attention_nodes):
         node.name = f"kv_attention_{i}"
+    share_transposed_weights(model)
     names = sorted({a.name for n in attention_nodes for a in n.attribute})
     model.functions.append(kv_attention_function(names, opset))
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     return model
+
+
+def share_transposed_weights(model: onnx.ModelProto) -> int:
+    """Replace initializers that are the transpose of another (tied embeddings / lm_head after constant
+    folding) by a Transpose node, so the weight is stored once. Returns the bytes saved."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer if len(i.dims) == 2}
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for name, init in inits.items():
+        by_shape.setdefault(tuple(init.dims), []).append(name)
+    saved, drop, nodes = 0, set(), []
+    for name, init in inits.items():
+        rows, cols = init.dims
+        for other in by_shape.get((cols, rows), []):
+            if other == name or other in drop or name in drop:
+                continue
+            a, b = numpy_helper.to_array(init), numpy_helper.to_array(inits[other])
+            if a.dtype == b.dtype and np.array_equal(a, b.T):
+                drop.add(name)
+                nodes.append(onnx.helper.make_node("Transpose", [other], [name], perm=[1, 0],
+                                                   name=f"shared_transpose_{len(nodes)}"))
+                saved += a.nbytes
+                break
+    if drop:
+        kept = [i for i in model.graph.initializer if i.name not in drop]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        rest = list(model.graph.node)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes + rest)
+    return saved
 
 
 def attach_metadata(model: onnx.ModelProto, meta: dict[str, Any]) -> None:
