@@ -127,8 +127,10 @@ def _validate(folder: Path, model, prompt: int, steps: int, policy: PolicyBindin
     except PassFailed:
         raise
     except Exception as exc:  # ONNX Runtime without kernels for this dtype, etc.
+        hint = " (this ONNX Runtime has no kernel for an op in this dtype, e.g. bf16 on CPU)" \
+            if "NOT_IMPLEMENTED" in str(exc) else ""
         raise PassFailed(f"validation could not run ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                         "pass --no-validate to export without it") from exc
+                         f"pass --no-validate to export without it{hint}") from exc
 
 
 def _progress(stages: list[str], enabled: bool):

@@ -13,7 +13,6 @@ import numpy as np
 
 from .graph import MODEL_FILE
 
-NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": None}
 
 
 def _session(path: Path, providers: Sequence[str] | None):
@@ -21,7 +20,18 @@ def _session(path: Path, providers: Sequence[str] | None):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
+    if providers is None:
+        gpu = "CUDAExecutionProvider" in ort.get_available_providers()
+        providers = (["CUDAExecutionProvider"] if gpu else []) + ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), opts, providers=list(providers))
+
+
+def _numpy_dtype(onnx_type: str):
+    if "bfloat16" in onnx_type:
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.float16 if "float16" in onnx_type else np.float32
 
 
 class OrtGenerator:
@@ -38,7 +48,7 @@ class OrtGenerator:
         past = {i.name: i for i in self.session.get_inputs()}
         self._cache_shapes = [tuple(past[f"past_{kind}_{i}"].shape[1:]) for i in range(self.num_layers)
                               for kind in ("key", "value")]
-        self._cache_dtype = np.float16 if "float16" in past["past_key_0"].type else np.float32
+        self._cache_dtype = _numpy_dtype(past["past_key_0"].type)
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         """Zeroed buffers past_key_0, past_value_0, ... each [batch, kv_heads, max_context, head_dim]."""
