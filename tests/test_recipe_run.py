@@ -155,3 +155,42 @@ def test_smollm2_demo_recipe_reduced(cli, tmp_path):
     assert all(f"{p:.3f}" in md for p in ppl)
     assert (out / "report.html").read_text().count("data:image/png;base64,") >= 1
     assert "report.md" in text
+
+
+def test_heal_step_distils_towards_the_source(counted, tiny_folder, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"""
+version: 1
+model: {tiny_folder("llama", 2)}
+calib: {{seqlen: 32}}
+steps:
+  - step: scale
+    factor: 1.5
+  - step: heal
+    steps: 6
+    lr: 0.003
+    seqlen: 32
+    batch: 2
+    trainable: all
+  - step: eval
+    max_tokens: 64
+    chunk: 32
+""")
+    recipe = load_recipe(path)
+    assert recipe.steps[1].config.calib.seqlen == 32  # run-wide calib default reached the step
+    res = run_recipe(recipe, tmp_path / "run", progress=False, echo=lambda s: None)
+    healed = res.out / "02-heal"
+    from kvconvert.io import provenance, resolve_source
+
+    record = provenance.read(healed)
+    assert [p["pass"] for p in record["passes"]] == ["heal"] and record["passes"][0]["params"]["steps"] == 6
+    losses = res.records[1]["metrics"]["losses"]
+    assert len(losses) == 6 and all(math.isfinite(x) and x > 0 for x in losses)
+    import torch
+
+    before = resolve_source(res.out / "01-scale").load_model().state_dict()
+    after = resolve_source(healed).load_model().state_dict()
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    report = json.loads((res.out / "report.json").read_text())
+    assert "02-heal/heal-loss.png" in report["plots"]
+    assert report["rows"][3]["model"] == "02-heal"

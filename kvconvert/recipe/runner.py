@@ -111,8 +111,9 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, force: bool = False, p
         state["recipe"] = recipe.to_dict()
         state.setdefault("steps", {})
         state["source"] = {"spec": h.model, **kv_figures(source, h.kv_dtype, h.context, h.batch)}
-        artifacts: dict[str, Any] = {"model": source}
+        artifacts: dict[str, Any] = {"model": source, "source": source}
         hashes = {"model": artifact_hash(source)}
+        hashes["source"] = hashes["model"]
         model_at = "source"
         records = []
         log.info("run %s -> %s (%d steps)", recipe.name, out, len(recipe.steps))

@@ -152,7 +152,7 @@ def _parse_step(raw: Any, index: int, header: RecipeHeader, where: str) -> Recip
 
 
 def _check_artifacts(steps: list[RecipeStep], where: str) -> None:
-    have = {"model"}
+    have = {"model", "source"}
     for i, s in enumerate(steps, 1):
         spec = STEPS[s.step]
         missing = [r for r in spec.reads if r not in have]

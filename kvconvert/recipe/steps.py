@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import StrictConfig
+from ..convert.heal import HealConfig
 from ..eval.evaluate import EvalConfig
 from ..models import AttentionView
 
-ARTIFACTS = ("model", "policy", "onnx", "engine", "triton")
+ARTIFACTS = ("model", "source", "policy", "onnx", "engine", "triton")  # "source": the recipe's model
 FIGURES = ("perplexity", "needle", "export_diff", "engine_bytes")
 
 
@@ -37,11 +38,11 @@ class StepContext:
     kv_dtype: str = "bf16"
     progress: bool = True
 
-    def model(self):
-        """The current model as a `ModelSource` (the recipe's model, or an earlier step's output folder)."""
+    def model(self, kind: str = "model"):
+        """The current model (or with kind="source" the recipe's model) as a `ModelSource`."""
         from ..io import ModelSource, resolve_source
 
-        m = self.inputs["model"]
+        m = self.inputs[kind]
         return m if isinstance(m, ModelSource) else resolve_source(m)
 
 
@@ -94,3 +95,21 @@ def _eval(cfg: EvalConfig, ctx: StepContext) -> StepResult:
     metrics = evaluate_source(ctx.model(), cfg, progress=ctx.progress)
     write_json(ctx.out / "eval.json", metrics)
     return StepResult(metrics=metrics, figures={"perplexity": metrics["perplexity"]})
+
+
+@register("heal", HealConfig, reads=("model", "source"), writes="model")
+def _heal(cfg: HealConfig, ctx: StepContext) -> StepResult:
+    """KL distillation of the current model towards the recipe's source model (kvconvert.convert.heal)."""
+    from ..convert.heal import heal, heal_batches
+    from . import model_io
+
+    student_src, teacher_src = ctx.model(), ctx.model("source")
+    student, teacher = model_io.load(student_src), model_io.load(teacher_src)
+    res = heal(student, teacher, cfg, calib=heal_batches(student_src.load_tokenizer(), cfg), progress=ctx.progress)
+    metrics = {"steps": res["steps"], "seconds": res["seconds"], "trainable_parameters": res["trainable_parameters"],
+               "loss_first": res["losses"][0] if res["losses"] else None,
+               "loss_last": res["losses"][-1] if res["losses"] else None}
+    model_io.save_model(student, student_src, ctx.out, "heal", cfg.model_dump(mode="json"), res["seconds"],
+                        {"heal": metrics})
+    model_io.plot_losses(res["losses"], ctx.out / "heal-loss.png", f"healing: {res['steps']} steps")
+    return StepResult(metrics={**metrics, "losses": res["losses"]}, artifact=ctx.out)
