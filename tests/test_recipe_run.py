@@ -194,3 +194,14 @@ steps:
     report = json.loads((res.out / "report.json").read_text())
     assert "02-heal/heal-loss.png" in report["plots"]
     assert report["rows"][3]["model"] == "02-heal"
+
+
+def test_refuses_a_foreign_non_empty_out(cli, tiny_folder, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"version: 1\nmodel: {tiny_folder('llama', 2)}\nsteps:\n  - step: eval\n    max_tokens: 32\n")
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _, err = cli("run", path, "--out", out)
+    assert code == 2 and "not a kvconvert run folder" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

@@ -100,6 +100,8 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, force: bool = False, p
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / STATE).is_file() and not (out / RESOLVED).is_file():
+        raise UserError(f"--out {out} is not empty and is not a kvconvert run folder; choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / RESOLVED).write_text(f"# resolved recipe written by kvconvert run (from {recipe.path or 'memory'})\n"
                                 + recipe.dump())
