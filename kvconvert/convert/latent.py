@@ -84,7 +84,9 @@ def fit_latent(model, cfg: LatentConfig, out, *, overwrite: bool = False, calib=
     fit = fit_factors(base, view, cfg, batches, progress=progress)
     calib_seconds = time.perf_counter() - t_fit
     student = build_latent_model(base, view, config, fit)
+    latent_view = describe(student.config)
     metrics: dict[str, Any] = {
+        "kv_bytes_per_token": [view.kv_bytes_per_token("bf16"), latent_view.kv_bytes_per_token("bf16")],
         "ranks": fit.widths, "kv_fraction": fit.kv_fraction, "calibration_seconds": round(calib_seconds, 2),
         "calibration_tokens": fit.tokens, "sensitivity": fit.sensitivity,
     }

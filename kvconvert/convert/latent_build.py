@@ -31,6 +31,13 @@ def _scaling(model, view: AttentionView, layer: int) -> float:
     return float(model.get_submodule(view.layer_prefix(layer)).scaling)
 
 
+def _inv_freq(model, view: AttentionView) -> torch.Tensor | None:
+    """The RoPE frequencies the model really uses (scaled variants included), or None."""
+    rotary = getattr(model.get_submodule(view.attn_prefix.split("layers.")[0].rstrip(".")), "rotary_emb", None)
+    freq = getattr(rotary, "inv_freq", None)
+    return None if freq is None else freq.detach().double().cpu()
+
+
 @torch.no_grad()
 def _kl_to_reference(model, batches: list[torch.Tensor], ref_logp: list[torch.Tensor]) -> float:
     total, count = 0.0, 0
@@ -75,13 +82,16 @@ def _budget(cfg, view: AttentionView) -> tuple[int, int]:
     return r, total
 
 
-def fit_factors(model, view: AttentionView, cfg, batches: list[torch.Tensor], progress: bool = True) -> LatentFit:
-    grams, tokens = attention_input_grams(model, view, batches, progress=progress)
+def fit_factors(model, view: AttentionView, cfg, batches: list[torch.Tensor], progress: bool = True,
+                stats: tuple[list[torch.Tensor], int] | None = None) -> LatentFit:
+    """Ranks and factors for every layer. `stats`: precomputed `attention_input_grams` of `batches`."""
+    grams, tokens = stats or attention_input_grams(model, view, batches, progress=progress)
     width = view.num_kv_heads * view.head_dim
     joint_cap = min(2 * width, view.hidden_size)
     weights = [attention_weights(model, view, i) for i in range(view.num_layers)]
-    spectra = [layer_spectra(weights[i], view, grams[i], tokens, cfg.metric, _scaling(model, view, i), cfg.damping)
-               for i in range(view.num_layers)]
+    rope = {"inv_freq": _inv_freq(model, view), "context": cfg.calib.seqlen}
+    spectra = [layer_spectra(weights[i], view, grams[i], tokens, cfg.metric, _scaling(model, view, i), cfg.damping,
+                             **rope) for i in range(view.num_layers)]
     uniform, total = _budget(cfg, view)
     full = {i % view.num_layers for i in cfg.keep_full_layers}
     sensitivity: list[list[float]] = []
@@ -93,7 +103,7 @@ def fit_factors(model, view: AttentionView, cfg, batches: list[torch.Tensor], pr
             wk, wv = sensitivity[i] if sensitivity else (1 / max(spectra[i]["k"].eigvals.sum().item(), 1e-30),
                                                         1 / max(spectra[i]["v"].eigvals.sum().item(), 1e-30))
             spectra[i] = layer_spectra(weights[i], view, grams[i], tokens, cfg.metric, _scaling(model, view, i),
-                                       cfg.damping, joint_weights=(wk, wv))
+                                       cfg.damping, joint_weights=(wk, wv), **rope)
 
     widths: list[tuple[int, int]] = [(0, 0)] * view.num_layers
     for i in full:

@@ -101,26 +101,47 @@ def _sqrt_metric(m: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.T
     return vecs * vals.sqrt(), vecs * vals.rsqrt()
 
 
-def key_metric(w: AttentionWeights, view: AttentionView, gram: torch.Tensor, n: int,
-               scaling: float) -> torch.Tensor:
-    """Diagonal metric [kv_width] on pre-RoPE keys: query second moments seen through RoPE, in logit units."""
-    d, g = view.head_dim, view.group_size
-    q_moment = torch.einsum("ij,jk,ik->i", w.q, gram, w.q) / max(n, 1)
+def key_metric(w: AttentionWeights, view: AttentionView, gram: torch.Tensor, n: int, scaling: float,
+               inv_freq: torch.Tensor | None = None, context: int = 512) -> torch.Tensor:
+    """Block-diagonal metric [kv_width, kv_width] on pre-RoPE keys, in attention-logit units.
+
+    A key error e changes the logit of query q at relative distance D by scaling * q^T R(D)^T e, so the metric
+    of kv head g is scaling^2 * E_D[R(D) C_g R(D)^T], with C_g the summed second moments of its query heads
+    and D weighted like the (query, key) pairs of a causal window of `context` tokens (weight context - D).
+    High-frequency RoPE pairs average to isotropic 2x2 blocks; low-frequency ones keep their correlations.
+    """
+    d, g, kvh = view.head_dim, view.group_size, view.num_kv_heads
+    q = w.q.view(view.num_heads, d, -1)
+    cov = torch.einsum("hik,kl,hjl->hij", q, gram, q) / max(n, 1)
     if w.q_bias is not None:
-        q_moment = q_moment + w.q_bias ** 2
-    q_moment = q_moment.view(view.num_heads, d)
+        b = w.q_bias.view(view.num_heads, d)
+        cov = cov + b[:, :, None] * b[:, None, :]
     if w.q_norm is not None:
-        q_moment = w.q_norm ** 2 * q_moment / q_moment.mean(dim=1, keepdim=True).clamp_min(1e-30)
+        scale = w.q_norm / torch.diagonal(cov, dim1=1, dim2=2).mean(dim=1, keepdim=True).clamp_min(1e-30).sqrt()
+        cov = cov * scale[:, :, None] * scale[:, None, :]
+    cov = cov.view(kvh, g, d, d).sum(dim=1)
     rd = view.rope.rotary_dim if view.rope else 0
     if rd:
         half = rd // 2
-        pair = (q_moment[:, :half] + q_moment[:, half:rd]) / 2
-        q_moment = torch.cat([pair, pair, q_moment[:, rd:]], dim=1)
-    metric = q_moment.view(view.num_kv_heads, g, d).sum(dim=1) * scaling ** 2
+        freq = (inv_freq.double() if inv_freq is not None else
+                view.rope.theta ** (-torch.arange(half, dtype=torch.float64) * 2 / rd))
+        dist = torch.linspace(0, context - 1, 128, dtype=torch.float64)
+        weight = (context - dist) / (context - dist).sum()
+        ang = dist[:, None] * freq[None, :]
+        c, s = torch.cos(ang), torch.sin(ang)
+        rot = torch.eye(d, dtype=torch.float64).repeat(len(dist), 1, 1)
+        idx = torch.arange(half)
+        rot[:, idx, idx] = c
+        rot[:, idx + half, idx + half] = c
+        rot[:, idx, idx + half] = -s
+        rot[:, idx + half, idx] = s
+        cov = torch.einsum("t,tab,hbc,tdc->had", weight, rot, cov, rot)
+    metric = cov * scaling ** 2
     if w.k_norm is not None:
-        k_moment = (torch.einsum("ij,jk,ik->i", w.k, gram, w.k) / max(n, 1)).view(view.num_kv_heads, d)
-        metric = metric * w.k_norm ** 2 / k_moment.mean(dim=1, keepdim=True).clamp_min(1e-30)
-    return metric.reshape(-1)
+        k_moment = (torch.einsum("ij,jk,ik->i", w.k, gram, w.k) / max(n, 1)).view(kvh, d)
+        scale = w.k_norm / k_moment.mean(dim=1, keepdim=True).clamp_min(1e-30).sqrt()
+        metric = metric * scale[:, :, None] * scale[:, None, :]
+    return torch.block_diag(*metric)
 
 
 def value_metric(w: AttentionWeights, view: AttentionView) -> torch.Tensor:
@@ -132,17 +153,15 @@ def value_metric(w: AttentionWeights, view: AttentionView) -> torch.Tensor:
 
 
 def layer_spectra(w: AttentionWeights, view: AttentionView, gram: torch.Tensor, n: int, metric: str,
-                  scaling: float, damping: float = 1e-4, joint_weights: tuple[float, float] | None = None
-                  ) -> dict[str, Spectrum]:
+                  scaling: float, damping: float = 1e-4, joint_weights: tuple[float, float] | None = None,
+                  inv_freq: torch.Tensor | None = None, context: int = 512) -> dict[str, Spectrum]:
     """Spectra for 'k' and 'v' (separate) and, when `joint_weights` = (w_k, w_v) is given, for 'kv'."""
     kvw = view.num_kv_heads * view.head_dim
     eye = torch.eye(kvw, dtype=torch.float64)
     if metric == "none":
         lk = lk_it = lv = lv_it = eye
     else:
-        mk = key_metric(w, view, gram, n, scaling)
-        mk = mk + damping * float(mk.mean().clamp_min(1e-30))
-        lk, lk_it = torch.diag(mk.sqrt()), torch.diag(mk.rsqrt())
+        lk, lk_it = _sqrt_metric(key_metric(w, view, gram, n, scaling, inv_freq, context), damping)
         lv, lv_it = _sqrt_metric(value_metric(w, view), damping)
     out = {"k": _weighted_pca(w.k, gram, n, lk, lk_it), "v": _weighted_pca(w.v, gram, n, lv, lv_it)}
     if joint_weights is not None:
