@@ -37,7 +37,7 @@ class LatentConfig(StrictConfig):
     metric: Literal["attention", "none"] = "attention"
     keep_full_layers: list[int] = []
     min_rank: int = Field(4, ge=1)
-    sensitivity_samples: int = Field(2, ge=1)
+    sensitivity_samples: int = Field(1, ge=1)
     damping: float = Field(1e-4, ge=0)
     calib: CalibConfig = CalibConfig()
     heal: HealConfig = HealConfig()
