@@ -84,8 +84,9 @@ def test_cache_bytes_after_1000_tokens_match_latent_widths_and_inspect(tiny_fold
     assert measured < 0.45 * full * tokens
 
 
-def test_sensitivity_allocation_spends_the_budget(tiny_folder, tmp_path):
-    result = _fit(tiny_folder, tmp_path, "qwen3", kv_ratio=0.5, allocation="sensitivity", min_rank=2)
+@pytest.mark.parametrize("metric", ["fisher", "attention"])
+def test_sensitivity_allocation_spends_the_budget(metric, tiny_folder, tmp_path):
+    result = _fit(tiny_folder, tmp_path, "qwen3", kv_ratio=0.5, allocation="sensitivity", min_rank=2, metric=metric)
     widths = result.metrics["ranks"]
     view = describe(tiny_model("qwen3").config)
     full = view.num_kv_heads * view.head_dim

@@ -34,10 +34,10 @@ class LatentConfig(StrictConfig):
     kv_ratio: float | None = Field(None, gt=0, le=1)
     joint_kv: bool = False
     allocation: Literal["uniform", "sensitivity"] = "sensitivity"
-    metric: Literal["attention", "none"] = "attention"
+    metric: Literal["fisher", "attention", "none"] = "fisher"
     keep_full_layers: list[int] = []
     min_rank: int = Field(4, ge=1)
-    sensitivity_samples: int = Field(1, ge=1)
+    sensitivity_samples: int = Field(4, ge=1)
     damping: float = Field(1e-4, ge=0)
     calib: CalibConfig = CalibConfig()
     heal: HealConfig = HealConfig()

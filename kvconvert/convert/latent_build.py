@@ -90,12 +90,21 @@ def fit_factors(model, view: AttentionView, cfg, batches: list[torch.Tensor], pr
     joint_cap = min(2 * width, view.hidden_size)
     weights = [attention_weights(model, view, i) for i in range(view.num_layers)]
     rope = {"inv_freq": _inv_freq(model, view), "context": cfg.calib.seqlen}
-    spectra = [layer_spectra(weights[i], view, grams[i], tokens, cfg.metric, _scaling(model, view, i), cfg.damping,
-                             **rope) for i in range(view.num_layers)]
+    fishers = [None] * view.num_layers
+    damping = cfg.damping
+    if cfg.metric == "fisher":
+        from .latent_fisher import kv_output_fishers
+
+        fishers, _ = kv_output_fishers(model, view, batches[:cfg.sensitivity_samples], progress)
+        damping = max(damping, 1e-2)
+    spectra = [layer_spectra(weights[i], view, grams[i], tokens, cfg.metric, _scaling(model, view, i), damping,
+                             fisher=fishers[i], **rope) for i in range(view.num_layers)]
     uniform, total = _budget(cfg, view)
     full = {i % view.num_layers for i in cfg.keep_full_layers}
     sensitivity: list[list[float]] = []
-    if cfg.allocation == "sensitivity" and uniform < (2 * width if cfg.joint_kv else width):
+    if cfg.metric == "fisher" and cfg.allocation == "sensitivity":
+        sensitivity = [[1.0, 1.0] for _ in range(view.num_layers)]  # Fisher eigenvalues are loss units already
+    elif cfg.allocation == "sensitivity" and uniform < (2 * width if cfg.joint_kv else width):
         probe = [min(width - 1, max(1, round(uniform / 2))) if cfg.joint_kv else min(width - 1, uniform)] * view.num_layers
         sensitivity = measure_sensitivity(model, view, spectra, probe, batches[:cfg.sensitivity_samples], progress)
     if cfg.joint_kv:
@@ -103,7 +112,7 @@ def fit_factors(model, view: AttentionView, cfg, batches: list[torch.Tensor], pr
             wk, wv = sensitivity[i] if sensitivity else (1 / max(spectra[i]["k"].eigvals.sum().item(), 1e-30),
                                                         1 / max(spectra[i]["v"].eigvals.sum().item(), 1e-30))
             spectra[i] = layer_spectra(weights[i], view, grams[i], tokens, cfg.metric, _scaling(model, view, i),
-                                       cfg.damping, joint_weights=(wk, wv), **rope)
+                                       damping, joint_weights=(wk, wv), fisher=fishers[i], **rope)
 
     widths: list[tuple[int, int]] = [(0, 0)] * view.num_layers
     for i in full:

@@ -154,10 +154,21 @@ def value_metric(w: AttentionWeights, view: AttentionView) -> torch.Tensor:
 
 def layer_spectra(w: AttentionWeights, view: AttentionView, gram: torch.Tensor, n: int, metric: str,
                   scaling: float, damping: float = 1e-4, joint_weights: tuple[float, float] | None = None,
-                  inv_freq: torch.Tensor | None = None, context: int = 512) -> dict[str, Spectrum]:
-    """Spectra for 'k' and 'v' (separate) and, when `joint_weights` = (w_k, w_v) is given, for 'kv'."""
+                  inv_freq: torch.Tensor | None = None, context: int = 512, fisher: torch.Tensor | None = None
+                  ) -> dict[str, Spectrum]:
+    """Spectra for 'k' and 'v' (separate) and, when `joint_weights` = (w_k, w_v) is given, for 'kv'.
+
+    `metric="fisher"` uses `fisher` ([2*kv_width]^2, see latent_fisher) and ignores `joint_weights`."""
     kvw = view.num_kv_heads * view.head_dim
     eye = torch.eye(kvw, dtype=torch.float64)
+    if metric == "fisher":
+        lk, lk_it = _sqrt_metric(fisher[:kvw, :kvw], damping)
+        lv, lv_it = _sqrt_metric(fisher[kvw:, kvw:], damping)
+        out = {"k": _weighted_pca(w.k, gram, n, lk, lk_it), "v": _weighted_pca(w.v, gram, n, lv, lv_it)}
+        if joint_weights is not None:
+            lj, lj_it = _sqrt_metric(fisher, damping)
+            out["kv"] = _weighted_pca(torch.cat([w.k, w.v]), gram, n, lj, lj_it)
+        return out
     if metric == "none":
         lk = lk_it = lv = lv_it = eye
     else:
