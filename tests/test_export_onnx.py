@@ -96,6 +96,25 @@ def test_last_logits_fp16_and_external_data(tiny_folder, tmp_path):
     assert np.abs(cache[0][:, :, :3]).sum() > 0 and np.abs(cache[0][:, :, 3:]).sum() == 0
 
 
+def test_opset24_tensorscatter_updates_the_cache_in_place(tiny_folder, tmp_path):
+    """opset 24: ONNX Runtime writes present_* into the bound past_* buffer (no copy); same tokens."""
+    out = export_onnx(str(tiny_folder("qwen3", 2)), OnnxExportConfig(max_context=MAX_CONTEXT, opset=24),
+                      tmp_path / "o24", progress=False).out
+    graph = _load(out)
+    assert {o.domain: o.version for o in graph.opset_import}[""] == 24
+    assert "TensorScatter" in {n.op_type for n in graph.functions[0].node}
+    gen = OrtGenerator(out)
+    assert gen.in_place
+    cache = gen.empty_cache(1)
+    values = gen.to_ort_values(cache)
+    gen.step_in_place(np.array([[7, 8, 9]]), np.array([[0, 1, 2]]), np.array([0]), values)
+    assert values[0].data_ptr() == cache[0].ctypes.data
+    assert np.abs(cache[0][:, :, :3]).sum() > 0 and np.abs(cache[0][:, :, 3:]).sum() == 0
+    prompt = np.array([[5, 6, 7, 8]])
+    assert (gen.generate(prompt, 6, eos_token_id=None)
+            == OrtGenerator(out, in_place=False).generate(prompt, 6, eos_token_id=None)).all()
+
+
 def test_wrong_graph_fails_validation_and_writes_nothing(tiny_folder, tmp_path, monkeypatch):
     """A function body with a broken score scale must be caught by the built-in validation."""
     from kvconvert.export.onnx import graph

@@ -11,23 +11,24 @@ from kvconvert.export.onnx.attention_op import DOMAIN, OP_TYPE, kv_attention_ref
 from kvconvert.export.onnx.function_body import INPUTS, OUTPUTS, kv_attention_function
 
 
-def single_node_model(attrs: dict) -> onnx.ModelProto:
+def single_node_model(attrs: dict, opset: int = 17) -> onnx.ModelProto:
     f = TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64 if n == "cache_length" else f,
                                             [None] if n == "cache_length" else [None] * 4) for n in INPUTS]
     outputs = [helper.make_tensor_value_info(n, f, [None] * 4) for n in OUTPUTS]
     node = helper.make_node(OP_TYPE, INPUTS, OUTPUTS, domain=DOMAIN, **attrs)
     graph = helper.make_graph([node], "kv_attention", inputs, outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)],
-                              functions=[kv_attention_function(sorted(attrs), 17)])
-    model.ir_version = 8
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
+                              functions=[kv_attention_function(sorted(attrs), opset)])
+    model.ir_version = 8 if opset < 21 else 10
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
+@pytest.mark.parametrize("opset", [17, 24])
 @pytest.mark.parametrize("heads,kv,s,softcap,window", [(4, 2, 3, 0.0, 0), (4, 4, 1, 0.0, 0), (6, 2, 5, 5.0, 4),
                                                       (2, 1, 2, 0.0, 3)])
-def test_function_body_equals_reference(heads, kv, s, softcap, window):
+def test_function_body_equals_reference(heads, kv, s, softcap, window, opset):
     torch.manual_seed(0)
     b, t, d = 2, 16, 8
     attrs = node_attributes(num_heads=heads, num_kv_heads=kv, head_dim=d, scale=d ** -0.5, softcap=softcap,
@@ -37,7 +38,7 @@ def test_function_body_equals_reference(heads, kv, s, softcap, window):
     past_k, past_v = torch.randn(b, kv, t, d), torch.randn(b, kv, t, d)
     cache_length = torch.tensor([0, 7])
     ref = kv_attention_reference(q, k, v, past_k, past_v, cache_length, attrs)
-    sess = ort.InferenceSession(single_node_model(attrs).SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(single_node_model(attrs, opset).SerializeToString(), providers=["CPUExecutionProvider"])
     feed = dict(zip(INPUTS, [x.numpy() for x in (q, k, v, past_k, past_v, cache_length)]))
     got = sess.run(None, feed)
     for name, r, g in zip(OUTPUTS, ref, got):

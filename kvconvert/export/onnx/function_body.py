@@ -41,6 +41,28 @@ def _scalar(out: str, value: float | int, dtype: int) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [out], value=helper.make_tensor(out, dtype, [], [value]))
 
 
+TENSOR_SCATTER_OPSET = 24
+
+
+def _cache_update(opset: int) -> list[onnx.NodeProto]:
+    """present = past with the new K/V written at slots cache_length + s.
+
+    Opset >= 24: `TensorScatter` (ONNX's KV-cache update op; ONNX Runtime updates in place when the present
+    output is bound to the past input's buffer). Older opsets: `ScatterElements`, always a copy of the buffer.
+    """
+    n = helper.make_node
+    if opset >= TENSOR_SCATTER_OPSET:
+        return [n("TensorScatter", ["past_key", "key", "cache_length"], ["present_key"], axis=2),
+                n("TensorScatter", ["past_value", "value", "cache_length"], ["present_value"], axis=2)]
+    return [
+        n("Unsqueeze", ["pos", "axes_1_3"], ["pos4"]),
+        n("Shape", ["key"], ["key_shape"]), n("Shape", ["value"], ["value_shape"]),
+        n("Expand", ["pos4", "key_shape"], ["idx_k"]), n("Expand", ["pos4", "value_shape"], ["idx_v"]),
+        n("ScatterElements", ["past_key", "idx_k", "key"], ["present_key"], axis=2),
+        n("ScatterElements", ["past_value", "idx_v", "value"], ["present_value"], axis=2),
+    ]
+
+
 def kv_attention_function(attribute_names: list[str], opset: int) -> onnx.FunctionProto:
     """FunctionProto of KVAttention; `attribute_names` are all attributes the nodes carry."""
     n = helper.make_node
@@ -59,12 +81,7 @@ def kv_attention_function(attribute_names: list[str], opset: int) -> onnx.Functi
         n("Range", ["i0", "S", "i1"], ["arange_s"]),
         n("Unsqueeze", ["cache_length", "axes1"], ["cl_b1"]), n("Unsqueeze", ["arange_s", "axes0"], ["ar_1s"]),
         n("Add", ["cl_b1", "ar_1s"], ["pos"]),
-        # write the new K/V into the fixed buffers (ONNX Runtime: a copy; an engine aliases present to past)
-        n("Unsqueeze", ["pos", "axes_1_3"], ["pos4"]),
-        n("Shape", ["key"], ["key_shape"]), n("Shape", ["value"], ["value_shape"]),
-        n("Expand", ["pos4", "key_shape"], ["idx_k"]), n("Expand", ["pos4", "value_shape"], ["idx_v"]),
-        n("ScatterElements", ["past_key", "idx_k", "key"], ["present_key"], axis=2),
-        n("ScatterElements", ["past_value", "idx_v", "value"], ["present_value"], axis=2),
+        *_cache_update(opset),
         # GQA without repeating the cache: q [B, H, S, D] -> [B, KV, G*S, D]
         n("Shape", ["past_key"], ["KV1"], start=1, end=2),
         n("Concat", ["zero1", "KV1", "minus1", "zero1"], ["q_grouped_shape"], axis=0),
