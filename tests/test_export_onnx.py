@@ -115,6 +115,35 @@ def test_opset24_tensorscatter_updates_the_cache_in_place(tiny_folder, tmp_path)
             == OrtGenerator(out, in_place=False).generate(prompt, 6, eos_token_id=None)).all()
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma2"])
+def test_sink_window_policy_equals_sparse_reference(tiny_folder, tmp_path, model_type):
+    """ONNX Runtime with a sink_window policy == kvconvert.sparse on the same selection (gemma2: its
+    soft-capped / sliding layers stay dense in both)."""
+    policy = "sink_window:sink=2,window=4"
+    result = export_onnx(str(tiny_folder(model_type, 2)), OnnxExportConfig(max_context=MAX_CONTEXT, policy=policy),
+                         tmp_path / "sw", progress=False)
+    assert result.metrics["validation"]["max_abs_diff"] <= 1e-4
+    meta = json.loads({p.key: p.value for p in _load(result.out).metadata_props}["kvconvert"])
+    assert meta["policy"] == policy and meta["policy_resolved"]["decode"]["kind"] == "sink_window"
+    if model_type == "gemma2":
+        return
+    attrs = meta["attention"]["attributes"]
+    assert (attrs["policy_decode"], attrs["policy_decode_sink"], attrs["policy_decode_window"]) == (
+        "sink_window", 2, 4)
+    gen = OrtGenerator(result.out)
+    ids = np.arange(3, 15)[None]
+    logits, _ = gen.step(ids, np.arange(12)[None], np.array([0]), gen.empty_cache(1))
+    dense = tiny_model(model_type, 2)(torch.from_numpy(ids)).logits.detach().numpy()
+    assert np.abs(logits - dense).max() > 1e-2  # the policy really restricts attention
+
+
+def test_unexportable_policy_is_refused(tiny_folder, tmp_path):
+    with pytest.raises(UserError, match="page_topk"):
+        export_onnx(str(tiny_folder("llama", 2)), OnnxExportConfig(max_context=8, policy="page_topk:page=16"),
+                    tmp_path / "p", progress=False)
+    assert not (tmp_path / "p").exists()
+
+
 def test_wrong_graph_fails_validation_and_writes_nothing(tiny_folder, tmp_path, monkeypatch):
     """A function body with a broken score scale must be caught by the built-in validation."""
     from kvconvert.export.onnx import graph

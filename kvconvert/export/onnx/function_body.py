@@ -74,6 +74,10 @@ def kv_attention_function(attribute_names: list[str], opset: int) -> onnx.Functi
         _scalar("neg_inf", float("-inf"), TensorProto.FLOAT),
         _const_from_attr("scale_f", "scale", F), _const_from_attr("softcap_f", "softcap", F),
         _const_from_attr("window", "sliding_window", I),
+        _const_from_attr("decode_sink", "policy_decode_sink", I),
+        _const_from_attr("decode_window", "policy_decode_window", I),
+        _const_from_attr("prefill_sink", "policy_prefill_sink", I),
+        _const_from_attr("prefill_window", "policy_prefill_window", I),
         # sizes
         n("Shape", ["query"], ["S1"], start=2, end=3), n("Shape", ["past_key"], ["T1"], start=2, end=3),
         n("Squeeze", ["S1", "axes0"], ["S"]), n("Squeeze", ["T1", "axes0"], ["T"]),
@@ -99,14 +103,23 @@ def kv_attention_function(attribute_names: list[str], opset: int) -> onnx.Functi
         # [B, KV, G, S, T]
         n("Concat", ["zero1", "zero1", "minus1", "S1", "T1"], ["scores5_shape"], axis=0),
         n("Reshape", ["scores", "scores5_shape"], ["scores5"]),
-        # mask: slot j allowed for query s iff j <= pos and (window <= 0 or j > pos - window)
+        # mask: slot j allowed for query s iff j <= pos and (window <= 0 or j > pos - window) and policy
         n("Range", ["i0", "T", "i1"], ["arange_t"]),
         n("Unsqueeze", ["pos", "minus1"], ["pos_bs1"]),
         n("LessOrEqual", ["arange_t", "pos_bs1"], ["causal"]),
         n("Sub", ["pos_bs1", "window"], ["win_start"]), n("Greater", ["arange_t", "win_start"], ["in_window"]),
         n("LessOrEqual", ["window", "i0"], ["no_window"]),
         n("Or", ["in_window", "no_window"], ["window_ok"]),
-        n("And", ["causal", "window_ok"], ["allowed"]),
+        # sink_window policy of this phase (decode: S == 1): j < sink or j > pos - window (window 0 = off)
+        n("Equal", ["S", "i1"], ["is_decode"]),
+        n("Where", ["is_decode", "decode_sink", "prefill_sink"], ["p_sink"]),
+        n("Where", ["is_decode", "decode_window", "prefill_window"], ["p_window"]),
+        n("Less", ["arange_t", "p_sink"], ["in_sink"]),
+        n("Sub", ["pos_bs1", "p_window"], ["p_start"]), n("Greater", ["arange_t", "p_start"], ["in_recent"]),
+        n("LessOrEqual", ["p_window", "i0"], ["no_policy"]),
+        n("Or", ["in_sink", "in_recent"], ["policy_keep"]), n("Or", ["policy_keep", "no_policy"], ["policy_ok"]),
+        n("And", ["causal", "window_ok"], ["model_ok"]),
+        n("And", ["model_ok", "policy_ok"], ["allowed"]),
         n("Unsqueeze", ["allowed", "axes_1_2"], ["allowed5"]),
         n("Cast", ["scores5"], ["scores5_f"], to=TensorProto.FLOAT),
         n("Where", ["allowed5", "scores5_f", "neg_inf"], ["masked"]),
