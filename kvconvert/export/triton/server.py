@@ -28,7 +28,7 @@ ENV_VAR = "KVCONVERT_TRITONSERVER_PYTHON"
 DEFAULT_VENV = Path(__file__).resolve().parents[3] / ".venv-tritonserver"
 _PROBE = ("import json, os, sys, sysconfig, pytriton; print(json.dumps({'pytriton': os.path.dirname(pytriton.__file__), "
           "'libdir': sysconfig.get_config_var('LIBDIR'), 'version': '%d.%d' % sys.version_info[:2], "
-          "'purelib': sysconfig.get_paths()['purelib']}))")
+          "'purelib': sysconfig.get_paths()['purelib'], 'home': os.path.dirname(os.path.realpath(sys._base_executable)), 'bin': os.path.dirname(sys.executable)}))")
 
 
 def server_python() -> Path:
@@ -91,7 +91,9 @@ class TritonServer:
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [self.info["libs"], self.info["libdir"],
                                                                env.get("LD_LIBRARY_PATH")]))
-        env["PYTHONPATH"] = self.info["purelib"]
+        # the stub's embedded Python ignores PYTHONPATH and finds its prefix through `python3` on PATH:
+        # the server environment's bin first makes its site-packages (numpy < 2, onnxruntime, tokenizers) the ones
+        env["PATH"] = os.pathsep.join([self.info["bin"], env.get("PATH", "")])
         env.update(self.extra_env)
         cmd = [self.info["binary"], f"--model-repository={self.repo}", f"--backend-directory={backends}",
                "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", f"--http-port={self.http_port}",
@@ -120,10 +122,13 @@ class TritonServer:
         return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self, chars: int = 3000) -> str:
+        """The server's error lines (E...) and the end of its log."""
         try:
-            return Path(self.log_path).read_text()[-chars:]
+            text = Path(self.log_path).read_text()
         except OSError:
             return ""
+        errors = [line for line in text.splitlines() if line.startswith("E") or "rror" in line]
+        return "\n".join(errors)[-chars:] + "\n...\n" + text[-1000:]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
