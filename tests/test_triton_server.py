@@ -141,3 +141,9 @@ def test_smollm2_served_greedy_equals_transformers(smollm2_source, smollm2_model
     assert error is None
     assert tokens == want
     assert text == tok.decode(want)
+    if importlib.util.find_spec("tensorrt_rtx") is not None:  # the same export as a TensorRT-RTX engine + repository
+        from kvconvert.export.engine import EngineConfig, export_engine
+
+        export_engine(tmp_path / "onnx", EngineConfig(opt_prefill=16), tmp_path / "engine")
+        export_triton(tmp_path / "engine", TritonRepoConfig(name="m"), tmp_path / "repo_engine")
+        assert (tmp_path / "repo_engine" / "m" / "1" / "model.plan").stat().st_size > 100e6
