@@ -17,8 +17,8 @@ from ._common import next_pow2
 
 
 @triton.jit
-def kv_step_kernel(Q, K, V, PK, PV, CL, OUT, S, T, H, KV, sink, window, sliding, scale, softcap,
-                   G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _kv_step_body(Q, K, V, PK, PV, CL, OUT, S, T, H, KV, sink, window, sliding, scale, softcap,
+                  G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // KV
     g = pid % KV
@@ -66,6 +66,22 @@ def kv_step_kernel(Q, K, V, PK, PV, CL, OUT, S, T, H, KV, sink, window, sliding,
         tl.store(OUT + ((b * S + s).to(tl.int64) * H + hh) * D + dims, out.to(OUT.dtype.element_ty), mask=dm)
 
 
+@triton.jit
+def kv_step_kernel(Q, K, V, PK, PV, CL, OUT, S, T, H, KV, sink, window, sliding, scale, softcap,
+                   G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    _kv_step_body(Q, K, V, PK, PV, CL, OUT, S, T, H, KV, sink, window, sliding, scale, softcap, G, D, BLOCK_D, BLOCK_N)
+
+
+@triton.jit
+def kv_step_aot_kernel(Q, K, V, PK, PV, CL, OUT, PK_OUT, PV_OUT, S, T, H, KV, sink, window, sliding,
+                       SCALE: tl.constexpr, SOFTCAP: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """TensorRT AOT argument order: inputs, outputs (PK_OUT/PV_OUT alias PK/PV), then integer extras;
+    the float attributes are compile-time constants (AOT extras are integer expressions only)."""
+    _kv_step_body(Q, K, V, PK_OUT, PV_OUT, CL, OUT, S, T, H, KV, sink, window, sliding, SCALE, SOFTCAP,
+                  G, D, BLOCK_D, BLOCK_N)
+
+
 def kv_step(query, key, value, past_key, past_value, cache_length, attrs: dict, block_n: int = 32) -> torch.Tensor:
     """Launch `kv_step_kernel` (updates past_key/past_value in place); returns output [B, S, H, D]."""
     b, h, s, d = query.shape
@@ -81,18 +97,26 @@ def kv_step(query, key, value, past_key, past_value, cache_length, attrs: dict, 
     return out
 
 
-def compile_ptx(dtype: str, group: int, head_dim: int, cc: int = 80, block_n: int = 32) -> tuple[str, str, dict]:
-    """(kernel name, PTX, metadata) of `kv_step_kernel` for `dtype` ("fp16"/"bf16"/"fp32") on sm_`cc`; needs no GPU."""
+def compile_ptx(dtype: str, group: int, head_dim: int, cc: int = 80, block_n: int = 32, *, aot_scale: float | None = None,
+                softcap: float = 0.0) -> tuple[str, str, dict]:
+    """(kernel name, PTX, metadata) for `dtype` ("fp16"/"bf16"/"fp32") on sm_`cc`; needs no GPU.
+    `aot_scale` given: the TensorRT AOT variant `kv_step_aot_kernel` with scale/softcap baked in."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    fn = kv_step_kernel if isinstance(kv_step_kernel, JITFunction) else JITFunction(kv_step_kernel.fn)
+    kernel = kv_step_kernel if aot_scale is None else kv_step_aot_kernel
+    fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
     ptr = f"*{dtype}"
-    signature = {"Q": ptr, "K": ptr, "V": ptr, "PK": ptr, "PV": ptr, "CL": "*i64", "OUT": ptr, "S": "i32", "T": "i32",
-                 "H": "i32", "KV": "i32", "sink": "i32", "window": "i32", "sliding": "i32", "scale": "fp32",
-                 "softcap": "fp32", "G": "constexpr", "D": "constexpr", "BLOCK_D": "constexpr", "BLOCK_N": "constexpr"}
+    names = ["Q", "K", "V", "PK", "PV", "CL", "OUT"] + ([] if aot_scale is None else ["PK_OUT", "PV_OUT"])
+    signature = {n: ("*i64" if n == "CL" else ptr) for n in names}
+    signature |= {n: "i32" for n in ("S", "T", "H", "KV", "sink", "window", "sliding")}
     constexprs = {"G": group, "D": head_dim, "BLOCK_D": max(16, next_pow2(head_dim)), "BLOCK_N": block_n}
+    if aot_scale is None:
+        signature |= {"scale": "fp32", "softcap": "fp32"}
+    else:
+        constexprs |= {"SCALE": float(aot_scale), "SOFTCAP": float(softcap)}
+    signature |= {n: "constexpr" for n in constexprs}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32))
     meta = {"num_warps": compiled.metadata.num_warps, "shared": compiled.metadata.shared}
