@@ -3,8 +3,8 @@
 Methods (all: 8 x 512 calibration tokens of builtin:pydoc-topics, eval on the first 2,048 tokens of
 builtin:gpl3 in chunks of 512, run through the real latent runtime):
   plain        plain whitened SVD, separate K/V, uniform ranks (the issue's reference method)
-  uniform      attention-weighted fit (query-aware keys, o_proj-aware values), uniform ranks
-  allocated    attention-weighted fit + sensitivity-allocated ranks (+ joint KV latent with --joint)
+  uniform      Fisher-weighted fit (loss-aware K/V error), uniform ranks
+  allocated    Fisher-weighted fit, ranks allocated across layers/K/V from one budget (joint latent: --joint)
   healed       allocated + KD healing (`kvconvert.convert.heal`, --heal-steps steps)
 Prints a markdown table, writes latent_quality.json and latent_quality.png (Pareto plot) to --out.
 
@@ -32,7 +32,8 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.67, 0.5, 0.33, 0.25])
     ap.add_argument("--methods", nargs="+", default=["plain", "uniform", "allocated", "healed"])
     ap.add_argument("--joint", action="store_true", help="allocated/healed use one joint KV latent per layer")
-    ap.add_argument("--heal-steps", type=int, default=60)
+    ap.add_argument("--heal-steps", type=int, default=40)
+    ap.add_argument("--heal-fractions", type=float, nargs="+", default=[0.5, 0.33])
     ap.add_argument("--out", type=Path, default=Path("runs/latent_quality"))
     args = ap.parse_args()
 
@@ -55,14 +56,17 @@ def main() -> None:
     eval_ids = token_stream(tok, load_text("builtin:gpl3"))
     t0 = time.perf_counter()
     stats = attention_input_grams(base, view, calib, progress=True)
+    from kvconvert.convert.latent_fisher import kv_output_fishers
+
+    fishers = kv_output_fishers(base, view, calib[:LatentConfig().sensitivity_samples], progress=True)[0]
     gram_seconds = time.perf_counter() - t0
     base_ppl = perplexity(base, eval_ids)
-    print(f"base perplexity {base_ppl:.2f}; calibration statistics {gram_seconds:.1f}s", flush=True)
+    print(f"base perplexity {base_ppl:.2f}; calibration statistics (Gram + Fisher) {gram_seconds:.1f}s", flush=True)
 
     settings = {
         "plain": dict(metric="none", allocation="uniform"),
-        "uniform": dict(metric="attention", allocation="uniform"),
-        "allocated": dict(metric="attention", allocation="sensitivity", joint_kv=args.joint),
+        "uniform": dict(metric="fisher", allocation="uniform"),
+        "allocated": dict(metric="fisher", allocation="sensitivity", joint_kv=args.joint),
     }
     rows = []
     for frac in args.fractions:
@@ -72,13 +76,16 @@ def main() -> None:
             t1 = time.perf_counter()
             if key not in fits:
                 cfg = LatentConfig(kv_ratio=frac, evaluate=False, **settings[key])
-                fits[key] = fit_factors(base, view, cfg, calib, progress=False, stats=stats)
+                fits[key] = fit_factors(base, view, cfg, calib, progress=False, stats=stats,
+                                        fishers=fishers if cfg.metric == "fisher" else None)
             fit = fits[key]
             fit_seconds = time.perf_counter() - t1
+            if frac >= 1.0 and rows and rows[-1]["fraction"] >= 1.0:
+                continue  # full rank is the input model whatever the method
             student = build_latent_model(base, view, config, fit)
             heal_seconds = 0.0
             if method == "healed":
-                if frac >= 1.0:
+                if frac not in args.heal_fractions:
                     continue
                 hcfg = HealConfig(steps=args.heal_steps)
                 heal_seconds = heal(student, base, hcfg, heal_batches(tok, hcfg), progress=False)["seconds"]

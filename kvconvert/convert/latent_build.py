@@ -83,20 +83,24 @@ def _budget(cfg, view: AttentionView) -> tuple[int, int]:
 
 
 def fit_factors(model, view: AttentionView, cfg, batches: list[torch.Tensor], progress: bool = True,
-                stats: tuple[list[torch.Tensor], int] | None = None) -> LatentFit:
-    """Ranks and factors for every layer. `stats`: precomputed `attention_input_grams` of `batches`."""
+                stats: tuple[list[torch.Tensor], int] | None = None,
+                fishers: list[torch.Tensor] | None = None) -> LatentFit:
+    """Ranks and factors for every layer. `stats`: precomputed `attention_input_grams` of `batches`;
+    `fishers`: precomputed `kv_output_fishers` (metric="fisher")."""
     grams, tokens = stats or attention_input_grams(model, view, batches, progress=progress)
     width = view.num_kv_heads * view.head_dim
     joint_cap = min(2 * width, view.hidden_size)
     weights = [attention_weights(model, view, i) for i in range(view.num_layers)]
     rope = {"inv_freq": _inv_freq(model, view), "context": cfg.calib.seqlen}
-    fishers = [None] * view.num_layers
     damping = cfg.damping
     if cfg.metric == "fisher":
-        from .latent_fisher import kv_output_fishers
+        if fishers is None:
+            from .latent_fisher import kv_output_fishers
 
-        fishers, _ = kv_output_fishers(model, view, batches[:cfg.sensitivity_samples], progress)
+            fishers, _ = kv_output_fishers(model, view, batches[:cfg.sensitivity_samples], progress)
         damping = max(damping, 1e-2)
+    else:
+        fishers = [None] * view.num_layers
     spectra = [layer_spectra(weights[i], view, grams[i], tokens, cfg.metric, _scaling(model, view, i), damping,
                              fisher=fishers[i], **rope) for i in range(view.num_layers)]
     uniform, total = _budget(cfg, view)
