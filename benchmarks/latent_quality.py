@@ -4,8 +4,9 @@ Methods (all: 8 x 512 calibration tokens of builtin:pydoc-topics, eval on the fi
 builtin:gpl3 in chunks of 512, run through the real latent runtime):
   plain        plain whitened SVD, separate K/V, uniform ranks (the issue's reference method)
   uniform      Fisher-weighted fit (loss-aware K/V error), uniform ranks
-  allocated    Fisher-weighted fit, ranks allocated across layers/K/V from one budget (joint latent: --joint)
-  healed       allocated + KD healing (`kvconvert.convert.heal`, --heal-steps steps)
+  allocated    Fisher-weighted fit, separate K/V latents, ranks allocated across layers/K/V from one budget
+  joint        as allocated with one joint KV latent per layer
+  healed       joint (--heal-base) + KD healing (`kvconvert.convert.heal`, --heal-steps steps)
 Prints a markdown table, writes latent_quality.json and latent_quality.png (Pareto plot) to --out.
 
   OMP_NUM_THREADS=2 python benchmarks/latent_quality.py --out runs/latent_quality
@@ -30,10 +31,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:smollm2-135m")
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.67, 0.5, 0.33, 0.25])
-    ap.add_argument("--methods", nargs="+", default=["plain", "uniform", "allocated", "healed"])
-    ap.add_argument("--joint", action="store_true", help="allocated/healed use one joint KV latent per layer")
-    ap.add_argument("--heal-steps", type=int, default=40)
-    ap.add_argument("--heal-fractions", type=float, nargs="+", default=[0.5, 0.33])
+    ap.add_argument("--methods", nargs="+", default=["plain", "uniform", "allocated", "joint", "healed"])
+    ap.add_argument("--heal-base", default="joint", help="which method's fit is healed")
+    ap.add_argument("--heal-steps", type=int, default=30)
+    ap.add_argument("--heal-seqlen", type=int, default=128)
+    ap.add_argument("--heal-batch", type=int, default=2)
+    ap.add_argument("--heal-fractions", type=float, nargs="+", default=[0.5])
     ap.add_argument("--out", type=Path, default=Path("runs/latent_quality"))
     args = ap.parse_args()
 
@@ -66,13 +69,14 @@ def main() -> None:
     settings = {
         "plain": dict(metric="none", allocation="uniform"),
         "uniform": dict(metric="fisher", allocation="uniform"),
-        "allocated": dict(metric="fisher", allocation="sensitivity", joint_kv=args.joint),
+        "allocated": dict(metric="fisher", allocation="sensitivity"),
+        "joint": dict(metric="fisher", allocation="sensitivity", joint_kv=True),
     }
     rows = []
     for frac in args.fractions:
         fits = {}
         for method in args.methods:
-            key = "allocated" if method == "healed" else method
+            key = args.heal_base if method == "healed" else method
             t1 = time.perf_counter()
             if key not in fits:
                 cfg = LatentConfig(kv_ratio=frac, evaluate=False, **settings[key])
@@ -80,14 +84,13 @@ def main() -> None:
                                         fishers=fishers if cfg.metric == "fisher" else None)
             fit = fits[key]
             fit_seconds = time.perf_counter() - t1
-            if frac >= 1.0 and rows and rows[-1]["fraction"] >= 1.0:
+            if (frac >= 1.0 and rows and rows[-1]["fraction"] >= 1.0) or (
+                    method == "healed" and frac not in args.heal_fractions):
                 continue  # full rank is the input model whatever the method
             student = build_latent_model(base, view, config, fit)
             heal_seconds = 0.0
             if method == "healed":
-                if frac not in args.heal_fractions:
-                    continue
-                hcfg = HealConfig(steps=args.heal_steps)
+                hcfg = HealConfig(steps=args.heal_steps, seqlen=args.heal_seqlen, batch=args.heal_batch)
                 heal_seconds = heal(student, base, hcfg, heal_batches(tok, hcfg), progress=False)["seconds"]
             ppl = perplexity(student, eval_ids)
             row = {"fraction": frac, "method": method, "kv_fraction": round(fit.kv_fraction, 4),
@@ -104,7 +107,7 @@ def main() -> None:
 
 def table(rows, base_ppl) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fracs = list(dict.fromkeys(r["fraction"] for r in rows))
+    fracs = sorted(dict.fromkeys(r["fraction"] for r in rows), reverse=True)
     lines = ["| KV fraction | reference | " + " | ".join(methods) + " |",
              "|---|---|" + "---|" * len(methods)]
     for f in fracs:
