@@ -61,7 +61,7 @@ def main() -> None:
     stats = attention_input_grams(base, view, calib, progress=True)
     from kvconvert.convert.latent_fisher import kv_output_fishers
 
-    fishers = kv_output_fishers(base, view, calib[:LatentConfig().sensitivity_samples], progress=True)[0]
+    fishers = kv_output_fishers(base, view, calib[:LatentConfig.model_fields["sensitivity_samples"].default], progress=True)[0]
     gram_seconds = time.perf_counter() - t0
     base_ppl = perplexity(base, eval_ids)
     print(f"base perplexity {base_ppl:.2f}; calibration statistics (Gram + Fisher) {gram_seconds:.1f}s", flush=True)
