@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from tiny_models import tiny_model
 
 import kvconvert
 from kvconvert.errors import UserError
+from kvconvert.kernels import page_summaries
 from kvconvert.models import registered_model_types
 from kvconvert.runtime.sparse.state import PageSummaryCache
-from kvconvert.kernels import page_summaries
-from tiny_models import tiny_model
 
 SELECT_ALL = "page_topk:page=16,keep=1.0,dense_below=0+block_sparse_prefill:tile=64,mass=1.0,dense_below=0"
 
@@ -64,12 +64,11 @@ def test_decode_selection_uses_incremental_summaries():
 
 def test_bad_use_is_a_clear_error(ids):
     model = tiny_model("llama", 2).eval()
-    with pytest.raises(UserError, match="dense_layers"):
-        with kvconvert.sparse(model, "page_topk:dense_layers=[7]"):
-            pass
-    with pytest.raises(UserError, match="unpadded"):
-        with torch.no_grad(), kvconvert.sparse(model, "page_topk:dense_below=0"):
-            mask = torch.ones_like(ids)
-            mask[:, :3] = 0
-            model(ids, attention_mask=mask)
+    with pytest.raises(UserError, match="dense_layers"), kvconvert.sparse(model, "page_topk:dense_layers=[7]"):
+        pass
+    mask = torch.ones_like(ids)
+    mask[:, :3] = 0
+    with pytest.raises(UserError, match="unpadded"), torch.no_grad(), \
+            kvconvert.sparse(model, "page_topk:dense_below=0"):
+        model(ids, attention_mask=mask)
     assert model.config._attn_implementation != "kvconvert_sparse"

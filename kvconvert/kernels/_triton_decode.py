@@ -73,12 +73,12 @@ def _combine_kernel(
     rows = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for s in range(0, num_splits):
+    for s in range(num_splits):
         m = tl.maximum(m, tl.load(MP + (bh * num_splits + s) * BLOCK_G + rows))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l_tot = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for s in range(0, num_splits):
+    for s in range(num_splits):
         part = bh * num_splits + s
         w = tl.exp(tl.load(MP + part * BLOCK_G + rows) - m_safe)
         l_tot += w * tl.load(LP + part * BLOCK_G + rows)
