@@ -1,0 +1,70 @@
+import copy
+
+import pytest
+import torch
+
+from kvconvert.convert.heal import HealConfig, heal, heal_batches, kd_loss, trainable_parameters
+from kvconvert.errors import UserError
+from tiny_models import tiny_model
+
+
+def _pair():
+    teacher = tiny_model("llama")
+    student = copy.deepcopy(teacher)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "self_attn" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    return student, teacher
+
+
+def _kl(student, teacher, ids):
+    with torch.no_grad():
+        return float(kd_loss(student(ids).logits, teacher(ids).logits))
+
+
+def test_heal_lowers_kl_and_only_trains_attention():
+    student, teacher = _pair()
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    data = [torch.randint(3, 150, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(40)]
+    held = torch.randint(3, 150, (8, 32), generator=torch.Generator().manual_seed(99))
+    kl0 = _kl(student, teacher, held)
+    out = heal(student, teacher, HealConfig(steps=40, lr=3e-3, batch=4, seqlen=32), calib=data, progress=False)
+    assert len(out["losses"]) == out["steps"] == 40 and out["seconds"] >= 0
+    assert _kl(student, teacher, held) < 0.75 * kl0
+    assert out["losses"][-1] < out["losses"][0]
+    for n, p in student.named_parameters():
+        changed = not torch.equal(p, before[n])
+        assert changed == ("self_attn" in n), n
+        assert p.requires_grad  # flags restored
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_heal_all_trains_mlp_and_zero_steps_is_noop():
+    student, teacher = _pair()
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    assert heal(student, teacher, HealConfig(steps=0))["losses"] == []
+    assert all(torch.equal(p, before[n]) for n, p in student.named_parameters())
+    data = [torch.randint(3, 150, (1, 16))]
+    heal(student, teacher, HealConfig(steps=2, trainable="all", batch=1, seqlen=16), calib=lambda: data,
+         progress=False)
+    assert not torch.equal(student.model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_heal_needs_data_and_finds_attention():
+    student, teacher = _pair()
+    with pytest.raises(UserError):
+        heal(student, teacher, HealConfig(steps=1))
+    names = [n for n, _ in trainable_parameters(student, "attention")]
+    assert names and all(".self_attn." in n for n in names)
+    assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= {n.split(".")[-2] for n in names}
+
+
+def test_heal_batches_cycle_short_text(tiny_tok, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 20)
+    cfg = HealConfig.parse({"steps": 10, "batch": 3, "seqlen": 16, "calib": {"source": str(text)}})
+    batches = heal_batches(tiny_tok, cfg)
+    assert len(batches) == 30 and all(b.shape == (1, 16) for b in batches)
+    assert heal_batches(tiny_tok, cfg)[0].tolist() == batches[0].tolist()  # seeded
