@@ -63,7 +63,7 @@ def test_reference_is_causal_attention_over_written_slots():
     attrs = node_attributes(num_heads=h, num_kv_heads=kv, head_dim=d, scale=0.3)
     q, k, v = torch.randn(b, h, s, d), torch.randn(b, kv, s, d), torch.randn(b, kv, s, d)
     past_k, past_v = torch.randn(b, kv, t, d), torch.randn(b, kv, t, d)
-    out, pk, pv = kv_attention_reference(q, k, v, past_k, past_v, torch.tensor([4]), attrs)
+    out, _, _ = kv_attention_reference(q, k, v, past_k, past_v, torch.tensor([4]), attrs)
     keys = torch.cat([past_k[:, :, :4], k], 2).repeat_interleave(h // kv, 1)
     vals = torch.cat([past_v[:, :, :4], v], 2).repeat_interleave(h // kv, 1)
     mask = torch.ones(s, 4 + s, dtype=torch.bool).tril(4)

@@ -37,7 +37,7 @@ def _ints(out: str, values: list[int]) -> onnx.NodeProto:
                                                                            [len(values)], values))
 
 
-def _scalar(out: str, value: float | int, dtype: int) -> onnx.NodeProto:
+def _scalar(out: str, value: float, dtype: int) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [out], value=helper.make_tensor(out, dtype, [], [value]))
 
 

@@ -8,8 +8,9 @@ as in `kvconvert.sparse`. `page_topk` and `block_sparse_prefill` are refused wit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ...errors import UserError
 from ...models import AttentionView
