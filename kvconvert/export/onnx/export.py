@@ -69,7 +69,7 @@ def export_onnx(model: Any, cfg: OnnxExportConfig | None = None, out: str | Path
     max_context = cfg.max_context or min(view.max_position_embeddings or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT)
     if max_context < 2:
         raise UserError(f"--max-context {max_context} is too small; use at least 2")
-    policy = bind_policy(cfg.policy, view)
+    policy = bind_policy(cfg.policy, view, max_context)
     dtype = TORCH_DTYPES[cfg.dtype]
     out = Path(out)
     started = time.perf_counter()
@@ -81,7 +81,7 @@ def export_onnx(model: Any, cfg: OnnxExportConfig | None = None, out: str | Path
         bar.update()
         bar.set_description("trace")
         step = DecoderStep(torch_model, view, logits=cfg.logits, policy_attributes=policy.layer_attributes)
-        graph = trace_to_onnx(step, max_context, dtype, cfg.opset, tmp / "model.onnx")
+        graph = trace_to_onnx(step, max_context, dtype, cfg.opset, tmp / "model.onnx", page_topk=policy.page_topk)
         vocab = int(torch_model.get_output_embeddings().weight.shape[0])
         attach_metadata(graph, graph_metadata(view, cfg, max_context, vocab, _special_tokens(source, config),
                                               step.attributes, policy))
@@ -99,7 +99,7 @@ def export_onnx(model: Any, cfg: OnnxExportConfig | None = None, out: str | Path
         if cfg.validate:
             bar.set_description("validate")
             steps = min(cfg.validate_decode_steps, max(0, max_context - 2))
-            prompt = max(1, min(cfg.validate_prompt_len, max_context - steps))
+            prompt = max(1, min(max(cfg.validate_prompt_len, policy.min_validate_len), max_context - steps))
             found = _validate(tmp, torch_model, prompt, steps, policy)
             found["tolerance"] = cfg.resolved_tolerance()
             found["scaled_max_abs_diff"] = found["max_abs_diff"] / max(1.0, found["logit_scale"])
