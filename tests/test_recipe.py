@@ -97,4 +97,4 @@ def test_dry_run_prints_plan_and_writes_nothing(cli, tiny_folder, tmp_path):
 
     cfg = json.loads((folder / "config.json").read_text())
     bpt = 2 * cfg["num_hidden_layers"] * 2 * (cfg["hidden_size"] // cfg["num_attention_heads"]) * 2
-    assert f"{bpt:,}" in text and "01-eval" in text and "02-eval" in text and "chunk = 32" in text
+    assert f"{bpt:,}" in text and "01-eval" in text and "02-eval" in text and "chunk=32" in text

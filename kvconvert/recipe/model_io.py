@@ -12,9 +12,14 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load(source):
-    """The model of a `ModelSource` in fp32 on the GPU if there is one, else the CPU."""
-    return source.load_model().to(device())
+def load(source, frozen: bool = False):
+    """The model of a `ModelSource` on the GPU if there is one (a frozen teacher in bf16 there), else the
+    CPU, in fp32."""
+    import torch
+
+    if device() == "cpu":
+        return source.load_model()
+    return source.load_model(dtype=torch.bfloat16 if frozen else torch.float32, device_map="cuda")
 
 
 def save_model(model, source, out: Path, pass_name: str, params: dict[str, Any], seconds: float,

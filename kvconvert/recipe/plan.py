@@ -88,8 +88,14 @@ def format_plan(recipe: Recipe, out: Path, rows: list[dict[str, Any]], view: Att
     for r in rows:
         kv = f"{r['kv_bytes_per_token']:>12,}{r['kv_gib']:>10.2f}" if r["kv_bytes_per_token"] is not None else ""
         lines.append(f"  {r['index']:>2}  {r['step']:<15}{r['folder'] or '':<20}{r['model']:<20}{kv}")
-        for k, v in r.get("fields", {}).items():
-            lines.append(f"        {k} = {v}")
+        line = "       "
+        for item in (f"{k}={v}" for k, v in r.get("fields", {}).items()):
+            if len(line) + len(item) > 108 and line.strip():
+                lines.append(line)
+                line = "       "
+            line += " " + item
+        if line.strip():
+            lines.append(line)
     return "\n".join(lines)
 
 

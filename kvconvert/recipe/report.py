@@ -23,6 +23,7 @@ COLUMNS = [  # (key, header, format)
     ("kv_gib", "KV GiB", "{:.3f}"),
     ("perplexity", "perplexity", "{:.3f}"),
     ("needle", "needle", "{:.3f}"),
+    ("decode_read", "KV read/decode token", "{:.1%}"),
     ("export_diff", "export max abs diff", "{:.3g}"),
     ("engine_bytes", "engine MiB", None),
     ("seconds", "wall s", "{:.1f}"),

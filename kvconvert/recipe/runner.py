@@ -124,7 +124,8 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, force: bool = False, p
             spec = STEPS[step.step]
             folder = out / folder_name
             cfg_json = step.config.model_dump(mode="json")
-            inputs = {r: hashes[r] for r in spec.reads}
+            used = [r for r in spec.reads + spec.optional if r in artifacts]
+            inputs = {r: hashes[r] for r in used}
             key = step_key(step.step, cfg_json, inputs)
             prev = state["steps"].get(folder_name)
             acts_on = model_at
@@ -133,8 +134,9 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, force: bool = False, p
                 _say(echo, f"[{folder_name}] unchanged, skipped (finished earlier in {prev['seconds']:.1f} s)")
             else:
                 _say(echo, f"[{folder_name}] running {step.step}" + (f" on {model_at}" if "model" in spec.reads else ""))
-                rec = _run_step(spec, step.config, folder, {r: artifacts[r] for r in spec.reads}, key, cfg_json,
-                                h.kv_dtype, progress, state, out)
+                ctx = StepContext(out=folder, inputs={r: artifacts[r] for r in used}, kv_dtype=h.kv_dtype,
+                                  context=h.context, batch=h.batch, progress=progress)
+                rec = _run_step(spec, step.config, ctx, key, cfg_json, state, out)
                 _say(echo, f"[{folder_name}] done in {rec['seconds']:.1f} s" + _figure_note(rec["figures"]))
             if spec.writes:
                 artifacts[spec.writes] = out / rec["artifact"]
@@ -157,9 +159,9 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, force: bool = False, p
         handler.close()
 
 
-def _run_step(spec, config, folder: Path, inputs: dict[str, Any], key: str, cfg_json: dict[str, Any],
-              kv_dtype: str, progress: bool, state: dict[str, Any], out: Path) -> dict[str, Any]:
-    ctx = StepContext(out=folder, inputs=inputs, kv_dtype=kv_dtype, progress=progress)
+def _run_step(spec, config, ctx: StepContext, key: str, cfg_json: dict[str, Any], state: dict[str, Any],
+              out: Path) -> dict[str, Any]:
+    folder = ctx.out
     state["steps"].pop(folder.name, None)
     t0 = time.perf_counter()
     try:

@@ -16,17 +16,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..config import StrictConfig
+from ..convert.gqa import GQAConfig
 from ..convert.heal import HealConfig
 from ..eval.evaluate import EvalConfig
+from ..export.onnx import OnnxExportConfig
 from ..models import AttentionView
+from ..runtime.sparse import SparsePolicy
 
 ARTIFACTS = ("model", "source", "policy", "onnx", "engine", "triton")  # "source": the recipe's model
-FIGURES = ("perplexity", "needle", "export_diff", "engine_bytes")
+FIGURES = ("perplexity", "needle", "decode_read", "export_diff", "engine_bytes")
 
 
 @dataclass
@@ -36,6 +41,8 @@ class StepContext:
     out: Path
     inputs: dict[str, Any]
     kv_dtype: str = "bf16"
+    context: int = 32768
+    batch: int = 8
     progress: bool = True
 
     def model(self, kind: str = "model"):
@@ -65,21 +72,32 @@ class StepSpec:
     writes: str | None = None
     plan: Callable[[AttentionView, Any], AttentionView] | None = None
     doc: str = ""
+    optional: tuple[str, ...] = ()
 
 
 STEPS: dict[str, StepSpec] = {}
 
 
 def register(name: str, config: type[StrictConfig], *, reads: tuple[str, ...] = ("model",),
-             writes: str | None = None, plan: Callable[[AttentionView, Any], AttentionView] | None = None):
-    """Decorator adding a step to `STEPS`; `plan(view, cfg)` predicts the model's view after the step."""
-    assert writes is None or writes in ARTIFACTS and all(r in ARTIFACTS for r in reads)
+             writes: str | None = None, plan: Callable[[AttentionView, Any], AttentionView] | None = None,
+             optional: tuple[str, ...] = ()):
+    """Decorator adding a step to `STEPS`. `reads`: artifacts an earlier step (or the recipe) must provide;
+    `optional`: artifacts used when present (e.g. a sparse policy); `plan(view, cfg)` predicts the model's
+    view after the step for --dry-run."""
+    assert writes is None or writes in ARTIFACTS and all(r in ARTIFACTS for r in reads + optional)
 
     def deco(fn: Callable[[Any, StepContext], StepResult]):
-        STEPS[name] = StepSpec(name, config, fn, tuple(reads), writes, plan, (fn.__doc__ or "").strip())
+        STEPS[name] = StepSpec(name, config, fn, tuple(reads), writes, plan, (fn.__doc__ or "").strip(),
+                               tuple(optional))
         return fn
 
     return deco
+
+
+def pass_perplexity(metrics: dict[str, Any]) -> dict[str, float]:
+    """The `perplexity` figure from a pass's own evaluation (`metrics["eval"]`), if it ran one."""
+    ev = metrics.get("eval")
+    return {"perplexity": ev["perplexity"]} if isinstance(ev, dict) and "perplexity" in ev else {}
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -104,7 +122,7 @@ def _heal(cfg: HealConfig, ctx: StepContext) -> StepResult:
     from . import model_io
 
     student_src, teacher_src = ctx.model(), ctx.model("source")
-    student, teacher = model_io.load(student_src), model_io.load(teacher_src)
+    student, teacher = model_io.load(student_src), model_io.load(teacher_src, frozen=True)
     res = heal(student, teacher, cfg, calib=heal_batches(student_src.load_tokenizer(), cfg), progress=ctx.progress)
     metrics = {"steps": res["steps"], "seconds": res["seconds"], "trainable_parameters": res["trainable_parameters"],
                "loss_first": res["losses"][0] if res["losses"] else None,
@@ -113,3 +131,45 @@ def _heal(cfg: HealConfig, ctx: StepContext) -> StepResult:
                         {"heal": metrics})
     model_io.plot_losses(res["losses"], ctx.out / "heal-loss.png", f"healing: {res['steps']} steps")
     return StepResult(metrics={**metrics, "losses": res["losses"]}, artifact=ctx.out)
+
+
+@register("mha_to_gqa", GQAConfig, writes="model",
+          plan=lambda view, cfg: replace(view, num_kv_heads=cfg.groups, kv_widths=()))
+def _mha_to_gqa(cfg: GQAConfig, ctx: StepContext) -> StepResult:
+    """Merge KV heads into `groups` (mean or calibrated, optional healing) (kvconvert.convert.gqa)."""
+    from ..convert.gqa import mha_to_gqa
+
+    res = mha_to_gqa(ctx.model(), cfg, ctx.out, overwrite=True, progress=ctx.progress)
+    return StepResult(metrics=res.metrics, artifact=res.out, figures=pass_perplexity(res.metrics))
+
+
+@register("sparse_policy", SparsePolicy, writes="policy")
+def _sparse_policy(cfg: SparsePolicy, ctx: StepContext) -> StepResult:
+    """Choose the sparse attention policy later steps use (written as policy.yaml; kvconvert.runtime.sparse)."""
+    from ..models import describe
+    from ..runtime.sparse.attention import _check_layers
+    from .sparse_read import decode_read_fraction
+
+    view = describe(ctx.model().config_dict())
+    _check_layers(cfg, view.num_layers)
+    path = ctx.out / "policy.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    read = decode_read_fraction(cfg, view.num_layers, ctx.context)
+    return StepResult(metrics={"policy": cfg.name, "decode_read_fraction": read, "context": ctx.context},
+                      artifact=path, figures={"decode_read": read})
+
+
+@register("export_onnx", OnnxExportConfig, writes="onnx", optional=("policy",))
+def _export_onnx(cfg: OnnxExportConfig, ctx: StepContext) -> StepResult:
+    """ONNX decoder with kvconvert::KVAttention nodes, validated in ONNX Runtime (kvconvert.export.onnx);
+    `policy` defaults to the one chosen by an earlier sparse_policy step."""
+    from ..export.onnx import export_onnx
+    from ..runtime.sparse import parse_policy_spec
+
+    if cfg.policy is None and "policy" in ctx.inputs and not parse_policy_spec(ctx.inputs["policy"]).is_dense:
+        cfg = cfg.merged({"policy": str(ctx.inputs["policy"])})
+    res = export_onnx(ctx.model(), cfg, ctx.out, overwrite=True, progress=ctx.progress)
+    val = res.metrics.get("validation") or {}
+    return StepResult(metrics=res.metrics, artifact=res.out,
+                      figures={"export_diff": val["max_abs_diff"]} if "max_abs_diff" in val else {})
