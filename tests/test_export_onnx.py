@@ -13,6 +13,7 @@ from kvconvert.export.onnx import OnnxExportConfig, OrtGenerator, export_onnx
 from kvconvert.models import gqa_capable_model_types, registered_model_types
 
 MAX_CONTEXT = 48
+LATENT = {"kvconvert_latent"}  # refused: the latent cache holds pre-RoPE latents (docs/architecture.md)
 
 
 def _grid():
@@ -33,6 +34,11 @@ def _load(folder):
 @pytest.mark.parametrize("model_type,kv_heads", _grid())
 def test_export_matches_transformers(tiny_folder, tmp_path, model_type, kv_heads):
     src = tiny_folder(model_type, kv_heads)
+    if model_type in LATENT:
+        with pytest.raises(UserError, match="latent-KV checkpoints cannot be exported"):
+            export_onnx(str(src), OnnxExportConfig(max_context=MAX_CONTEXT), tmp_path / "onnx", progress=False)
+        assert not (tmp_path / "onnx").exists()
+        return
     result = export_onnx(str(src), OnnxExportConfig(max_context=MAX_CONTEXT), tmp_path / "onnx", progress=False)
     v = result.metrics["validation"]
     assert v["passed"] and v["decode_steps"] >= 1
@@ -154,9 +160,23 @@ def test_page_topk_policy_equals_sparse_reference(tiny_folder, tmp_path):
     assert np.abs(step_logits[:, -1] - dense).max() > 1e-3  # pages were really skipped
 
 
-def test_unexportable_policy_is_refused(tiny_folder, tmp_path):
-    with pytest.raises(UserError, match="block_sparse_prefill"):
-        export_onnx(str(tiny_folder("llama", 2)), OnnxExportConfig(max_context=64, policy="block_sparse_prefill"),
+def test_block_sparse_prefill_policy_equals_sparse_reference(tiny_folder, tmp_path):
+    """Long prefills read the selected key blocks only, in ONNX Runtime as in kvconvert.sparse."""
+    cfg = OnnxExportConfig(max_context=192, validate_decode_steps=1,
+                           policy="block_sparse_prefill:tile=64,mass=0.5,dense_below=128")
+    result = export_onnx(str(tiny_folder("llama", 2)), cfg, tmp_path / "bs", progress=False)
+    v = result.metrics["validation"]
+    assert v["prompt_len"] >= 128 and v["max_abs_diff"] <= 1e-4, v
+    gen = OrtGenerator(result.out)
+    ids = (np.arange(160) * 11 % 150 + 3)[None]
+    logits, _ = gen.step(ids, np.arange(160)[None], np.array([0]), gen.empty_cache(1))
+    dense = tiny_model("llama", 2)(torch.from_numpy(ids)).logits.detach().numpy()
+    assert np.abs(logits - dense).max() > 1e-3  # blocks were really skipped
+
+
+def test_policy_sizes_must_divide_the_capacity(tiny_folder, tmp_path):
+    with pytest.raises(UserError, match="multiple of the block_sparse_prefill tile 64"):
+        export_onnx(str(tiny_folder("llama", 2)), OnnxExportConfig(max_context=96, policy="block_sparse_prefill"),
                     tmp_path / "p", progress=False)
     with pytest.raises(UserError, match="multiple of the page_topk page size 16"):
         export_onnx(str(tiny_folder("llama", 2)), OnnxExportConfig(max_context=40, policy="page_topk:page=16"),

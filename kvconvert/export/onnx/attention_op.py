@@ -39,11 +39,15 @@ def node_attributes(*, num_heads: int, num_kv_heads: int, head_dim: int, scale: 
         attrs[f"policy_{phase}_sink"] = 0
         attrs[f"policy_{phase}_window"] = 0
     attrs.update(PAGE_TOPK_OFF)
+    attrs.update(BLOCK_SPARSE_OFF)
     for key, value in (policy or {}).items():
         attrs["policy" if key == "kind" else f"policy_{key}"] = value
     return attrs
 
 
+BLOCK_SPARSE_OFF = {"policy_prefill_tile": 0, "policy_prefill_mass": 0.0, "policy_prefill_density": 0.0,
+                    "policy_prefill_sink_blocks": 0, "policy_prefill_local_blocks": 0,
+                    "policy_prefill_dense_below": 0}
 PAGE_TOPK_OFF = {"policy_decode_page": 0, "policy_decode_keep": 0.0, "policy_decode_budget": 0,
                  "policy_decode_sink_pages": 0, "policy_decode_recent_pages": 0, "policy_decode_dense_below": 0}
 
@@ -72,6 +76,32 @@ def page_topk_mask(query: torch.Tensor, present_key: torch.Tensor, cache_length:
     pages.scatter_(2, torch.where(sel.indices < 0, kmin.shape[2], sel.indices).long(), True)
     slots = pages[:, :, :-1].repeat_interleave(page, dim=2)[:, :, :t]
     return slots[:, :, None, None, :]
+
+
+def block_sparse_mask(query: torch.Tensor, present_key: torch.Tensor, cache_length: torch.Tensor,
+                      attrs: dict[str, Any]) -> torch.Tensor | None:
+    """bool [B, KV, 1, S, T]: slots in the key blocks a block_sparse_prefill step reads (None: not such a step)."""
+    tile, s = attrs["policy_prefill_tile"], query.shape[2]
+    if tile <= 0 or s == 1 or s < attrs["policy_prefill_dense_below"]:
+        return None
+    from ...kernels.selection import block_importance, select_blocks
+
+    b, kv, t, _ = present_key.shape
+    nq = -(-s // tile)
+    mask = torch.zeros(b, kv, 1, s, t, dtype=torch.bool)
+    density = attrs["policy_prefill_density"] or None
+    for row in range(b):
+        length = int(cache_length[row]) + s
+        probs = block_importance(query[row:row + 1], present_key[row:row + 1, :, :length], tile, attrs["scale"])
+        sel = select_blocks(probs, s, length, tile, mass=None if density else attrs["policy_prefill_mass"],
+                            density=density, sink_blocks=attrs["policy_prefill_sink_blocks"],
+                            local_blocks=attrs["policy_prefill_local_blocks"])
+        nk = probs.shape[-1]
+        kept = torch.zeros(1, kv, nq, nk + 1, dtype=torch.bool)
+        kept.scatter_(3, torch.where(sel.indices < 0, nk, sel.indices).long(), True)
+        slots = kept[0, :, :, :nk].repeat_interleave(tile, 1).repeat_interleave(tile, 2)[:, :s, :length]
+        mask[row, :, 0, :, :length] = slots
+    return mask
 
 
 def write_cache(past: torch.Tensor, new: torch.Tensor, cache_length: torch.Tensor) -> torch.Tensor:
@@ -112,6 +142,9 @@ def kv_attention_reference(query, key, value, past_key, past_value, cache_length
     pages = page_topk_mask(query, present_key, cache_length, attrs)
     if pages is not None:
         allowed = allowed & pages
+    blocks = block_sparse_mask(query, present_key, cache_length, attrs)
+    if blocks is not None:
+        allowed = allowed & blocks
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype).reshape(b, kv, (h // kv) * s, t)
     out = torch.matmul(probs, present_value).reshape(b, h, s, -1).transpose(1, 2)

@@ -1,10 +1,10 @@
 """Bind a sparse attention policy to the export: node attributes per layer and the PyTorch reference.
 
-Exportable: `dense`, `sink_window` (either phase) and `page_topk` (decode), with per-layer overrides. The
-ONNX function body reproduces the selection rules of `kvconvert.kernels` (sink_window: key j visible from
-position t iff j <= t and (j < sink or t - j < window); page_topk: `select_pages` on per-page key min/max);
-layers with the model's own sliding window or soft-capping stay dense, as in `kvconvert.sparse`.
-`block_sparse_prefill` is refused with a one-line error.
+Every policy kind exports (`dense`, `sink_window`, `page_topk`, `block_sparse_prefill`), with per-layer
+overrides. The ONNX function body reproduces the selection rules of `kvconvert.kernels` (sink_window: key j
+visible from position t iff j <= t and (j < sink or t - j < window); page_topk: `select_pages` on per-page
+key min/max; block_sparse_prefill: `block_importance` + `select_blocks`); layers with the model's own sliding
+window or soft-capping stay dense, as in `kvconvert.sparse`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from ...errors import UserError
 from ...models import AttentionView
 
-EXPORTABLE = ("dense", "sink_window", "page_topk")
+EXPORTABLE = ("dense", "sink_window", "page_topk", "block_sparse_prefill")
 
 
 @dataclass
@@ -35,6 +35,10 @@ class PolicyBinding:
     def page_topk(self) -> bool:
         return any(a.get("decode_page", 0) > 0 for a in self.layer_attributes)
 
+    @property
+    def block_sparse(self) -> bool:
+        return any(a.get("prefill_tile", 0) > 0 for a in self.layer_attributes)
+
     def reference(self, model):
         if self.context is None:
             return None
@@ -51,6 +55,10 @@ def _phase_attributes(phase: str, policy) -> dict[str, Any]:
         attrs.update({"decode_page": policy.page, "decode_keep": float(policy.keep),
                       "decode_budget": int(policy.budget or 0), "decode_sink_pages": policy.sink_pages,
                       "decode_recent_pages": policy.recent_pages, "decode_dense_below": policy.dense_below})
+    if policy.kind == "block_sparse_prefill":
+        attrs.update({"prefill_tile": policy.tile, "prefill_mass": float(policy.mass),
+                      "prefill_density": float(policy.density or 0.0), "prefill_sink_blocks": policy.sink_blocks,
+                      "prefill_local_blocks": policy.local_blocks, "prefill_dense_below": policy.dense_below})
     return attrs
 
 
@@ -64,6 +72,8 @@ def _min_validate_len(policy) -> int:
             longest = max(longest, p.sink + p.window + 4)
         elif p.kind == "page_topk":
             longest = max(longest, p.dense_below + 2 * p.page)
+        elif p.kind == "block_sparse_prefill":
+            longest = max(longest, p.dense_below, 3 * p.tile)
     return longest
 
 
@@ -78,9 +88,10 @@ def bind_policy(spec: str | None, view: AttentionView, max_context: int) -> Poli
         lp = policy.for_layer(i)
         layers.append({"kind": policy.name, **_phase_attributes("decode", lp.decode),
                        **_phase_attributes("prefill", lp.prefill)})
-        page = layers[-1].get("decode_page", 0)
-        if page and max_context % page:
-            raise UserError(f"--max-context {max_context} is not a multiple of the page_topk page size {page}; "
-                            f"use e.g. {-(-max_context // page) * page}")
+        for key, what in (("decode_page", "page_topk page size"), ("prefill_tile", "block_sparse_prefill tile")):
+            size = layers[-1].get(key, 0)
+            if size and max_context % size:
+                raise UserError(f"--max-context {max_context} is not a multiple of the {what} {size}; "
+                                f"use e.g. {-(-max_context // size) * size}")
     return PolicyBinding(str(spec), policy.model_dump(), layers, lambda model: sparse(model, policy, use_kernels=False),
                          _min_validate_len(policy))
