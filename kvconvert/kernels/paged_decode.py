@@ -26,11 +26,17 @@ def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid:
 
 
 def gather_pages(cache: torch.Tensor, indices: torch.Tensor, page_size: int) -> torch.Tensor:
-    """cache [B, Hkv, L, D], indices [B, Hkv, P] (-1 allowed) -> [B, Hkv, P*page, D] (page -1 reads page 0)."""
+    """cache [B, Hkv, L, D], indices [B, Hkv, P] (-1 allowed) -> [B, Hkv, P*page, D].
+
+    Rows are copied with one index_select over the flattened cache (page -1 and positions >= L read
+    position 0 / L-1; callers mask them).
+    """
     b, hkv, length, d = cache.shape
     tok = indices.long().clamp(min=0)[..., None] * page_size + torch.arange(page_size, device=cache.device)
     tok = tok.flatten(2).clamp(max=length - 1)
-    return torch.gather(cache, 2, tok[..., None].expand(b, hkv, tok.shape[2], d))
+    base = (torch.arange(b * hkv, device=cache.device) * length).view(b, hkv, 1)
+    rows = cache.reshape(b * hkv * length, d).index_select(0, (tok + base).flatten())
+    return rows.view(b, hkv, tok.shape[2], d)
 
 
 def paged_decode_reference(q, k_cache, v_cache, seq_lens, counts, indices, page_size: int, scale=None):

@@ -106,14 +106,15 @@ def score_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torc
     """Quest upper bound of q.k over each page, max over the query heads of each KV group.
 
     q [B, H, D], kmin/kmax [B, Hkv, P, D] -> fp32 [B, Hkv, P]:
-    score[b, g, p] = max_{h in group g} sum_d max(q[b,h,d]*kmin[b,g,p,d], q[b,h,d]*kmax[b,g,p,d]),
-    group g = query heads g*H/Hkv .. (g+1)*H/Hkv - 1 (transformers' repeat_kv order).
+    score[b, g, p] = max_{h in group g} (max(q[b,h], 0) . kmax[b,g,p] + min(q[b,h], 0) . kmin[b,g,p])
+    (= sum_d max(q_d*kmin_d, q_d*kmax_d), written as two fp32 matmuls), group g = query heads
+    g*H/Hkv .. (g+1)*H/Hkv - 1 (transformers' repeat_kv order).
     """
     b, h, d = q.shape
     hkv = kmin.shape[1]
-    qg = q.float().view(b, hkv, h // hkv, 1, d)
-    lo, hi = kmin.float()[:, :, None], kmax.float()[:, :, None]
-    per_head = torch.maximum(qg * lo, qg * hi).sum(-1)
+    qg = q.float().view(b, hkv, h // hkv, d)
+    per_head = torch.matmul(qg.clamp(min=0), kmax.float().transpose(-1, -2)) + torch.matmul(
+        qg.clamp(max=0), kmin.float().transpose(-1, -2))
     return per_head.amax(2)
 
 

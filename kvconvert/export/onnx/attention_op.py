@@ -4,8 +4,10 @@ One node per layer. Inputs (new tokens already projected, normed and rotated):
   query [B, H, S, D], key [B, KV, S, D], value [B, KV, S, Dv],
   past_key [B, KV, T, D], past_value [B, KV, T, Dv] (fixed-capacity buffers), cache_length int64 [B].
 Outputs: output [B, S, H, Dv], present_key [B, KV, T, D], present_value [B, KV, T, Dv].
-The new K/V of token s of sequence b is written at slot cache_length[b] + s; query s attends to slots
-j <= cache_length[b] + s (and j > that - sliding_window when sliding_window > 0).
+The new K/V of token s of sequence b is written at slot cache_length[b] + s; query s (position
+t = cache_length[b] + s) attends to slots j <= t, and j > t - sliding_window when sliding_window > 0 (the
+model's own window), and j < sink or j > t - window for a sink_window policy (`policy_{phase}_sink`,
+`policy_{phase}_window`; phase = decode when S == 1, else prefill; window 0 = no policy restriction).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ def node_attributes(*, num_heads: int, num_kv_heads: int, head_dim: int, scale: 
         "layer": int(layer), "policy": "dense",
         "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION,
     }
+    for phase in ("decode", "prefill"):
+        attrs[f"policy_{phase}"] = "dense"
+        attrs[f"policy_{phase}_sink"] = 0
+        attrs[f"policy_{phase}_window"] = 0
     for key, value in (policy or {}).items():
         attrs["policy" if key == "kind" else f"policy_{key}"] = value
     return attrs
@@ -42,13 +48,17 @@ def write_cache(past: torch.Tensor, new: torch.Tensor, cache_length: torch.Tenso
     return past.scatter(2, index, new)
 
 
-def allowed_slots(cache_length: torch.Tensor, s: int, t: int, sliding_window: int) -> torch.Tensor:
-    """bool [B, S, T]: which cache slots query s of each sequence attends to."""
+def allowed_slots(cache_length: torch.Tensor, s: int, t: int, attrs: dict[str, Any]) -> torch.Tensor:
+    """bool [B, S, T]: which cache slots query s of each sequence attends to (see the module doc)."""
     i = cache_length[:, None, None] + torch.arange(s, device=cache_length.device)[None, :, None]
     j = torch.arange(t, device=cache_length.device)[None, None, :]
     allowed = j <= i
-    if sliding_window > 0:
-        allowed = allowed & (j > i - sliding_window)
+    if attrs["sliding_window"] > 0:
+        allowed = allowed & (j > i - attrs["sliding_window"])
+    phase = "decode" if s == 1 else "prefill"
+    sink, window = attrs[f"policy_{phase}_sink"], attrs[f"policy_{phase}_window"]
+    if window > 0:
+        allowed = allowed & ((j < sink) | (j > i - window))
     return allowed
 
 
@@ -63,7 +73,7 @@ def kv_attention_reference(query, key, value, past_key, past_value, cache_length
     if attrs["softcap"] > 0:
         scores = torch.tanh(scores / attrs["softcap"]) * attrs["softcap"]
     scores = scores.reshape(b, kv, h // kv, s, t)
-    allowed = allowed_slots(cache_length, s, t, attrs["sliding_window"])
+    allowed = allowed_slots(cache_length, s, t, attrs)
     scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype).reshape(b, kv, (h // kv) * s, t)
     out = torch.matmul(probs, present_value).reshape(b, h, s, -1).transpose(1, 2)

@@ -41,6 +41,28 @@ def _scalar(out: str, value: float | int, dtype: int) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [out], value=helper.make_tensor(out, dtype, [], [value]))
 
 
+TENSOR_SCATTER_OPSET = 24
+
+
+def _cache_update(opset: int) -> list[onnx.NodeProto]:
+    """present = past with the new K/V written at slots cache_length + s.
+
+    Opset >= 24: `TensorScatter` (ONNX's KV-cache update op; ONNX Runtime updates in place when the present
+    output is bound to the past input's buffer). Older opsets: `ScatterElements`, always a copy of the buffer.
+    """
+    n = helper.make_node
+    if opset >= TENSOR_SCATTER_OPSET:
+        return [n("TensorScatter", ["past_key", "key", "cache_length"], ["present_key"], axis=2),
+                n("TensorScatter", ["past_value", "value", "cache_length"], ["present_value"], axis=2)]
+    return [
+        n("Unsqueeze", ["pos", "axes_1_3"], ["pos4"]),
+        n("Shape", ["key"], ["key_shape"]), n("Shape", ["value"], ["value_shape"]),
+        n("Expand", ["pos4", "key_shape"], ["idx_k"]), n("Expand", ["pos4", "value_shape"], ["idx_v"]),
+        n("ScatterElements", ["past_key", "idx_k", "key"], ["present_key"], axis=2),
+        n("ScatterElements", ["past_value", "idx_v", "value"], ["present_value"], axis=2),
+    ]
+
+
 def kv_attention_function(attribute_names: list[str], opset: int) -> onnx.FunctionProto:
     """FunctionProto of KVAttention; `attribute_names` are all attributes the nodes carry."""
     n = helper.make_node
@@ -52,6 +74,10 @@ def kv_attention_function(attribute_names: list[str], opset: int) -> onnx.Functi
         _scalar("neg_inf", float("-inf"), TensorProto.FLOAT),
         _const_from_attr("scale_f", "scale", F), _const_from_attr("softcap_f", "softcap", F),
         _const_from_attr("window", "sliding_window", I),
+        _const_from_attr("decode_sink", "policy_decode_sink", I),
+        _const_from_attr("decode_window", "policy_decode_window", I),
+        _const_from_attr("prefill_sink", "policy_prefill_sink", I),
+        _const_from_attr("prefill_window", "policy_prefill_window", I),
         # sizes
         n("Shape", ["query"], ["S1"], start=2, end=3), n("Shape", ["past_key"], ["T1"], start=2, end=3),
         n("Squeeze", ["S1", "axes0"], ["S"]), n("Squeeze", ["T1", "axes0"], ["T"]),
@@ -59,12 +85,7 @@ def kv_attention_function(attribute_names: list[str], opset: int) -> onnx.Functi
         n("Range", ["i0", "S", "i1"], ["arange_s"]),
         n("Unsqueeze", ["cache_length", "axes1"], ["cl_b1"]), n("Unsqueeze", ["arange_s", "axes0"], ["ar_1s"]),
         n("Add", ["cl_b1", "ar_1s"], ["pos"]),
-        # write the new K/V into the fixed buffers (ONNX Runtime: a copy; an engine aliases present to past)
-        n("Unsqueeze", ["pos", "axes_1_3"], ["pos4"]),
-        n("Shape", ["key"], ["key_shape"]), n("Shape", ["value"], ["value_shape"]),
-        n("Expand", ["pos4", "key_shape"], ["idx_k"]), n("Expand", ["pos4", "value_shape"], ["idx_v"]),
-        n("ScatterElements", ["past_key", "idx_k", "key"], ["present_key"], axis=2),
-        n("ScatterElements", ["past_value", "idx_v", "value"], ["present_value"], axis=2),
+        *_cache_update(opset),
         # GQA without repeating the cache: q [B, H, S, D] -> [B, KV, G*S, D]
         n("Shape", ["past_key"], ["KV1"], start=1, end=2),
         n("Concat", ["zero1", "KV1", "minus1", "zero1"], ["q_grouped_shape"], axis=0),
@@ -82,14 +103,23 @@ def kv_attention_function(attribute_names: list[str], opset: int) -> onnx.Functi
         # [B, KV, G, S, T]
         n("Concat", ["zero1", "zero1", "minus1", "S1", "T1"], ["scores5_shape"], axis=0),
         n("Reshape", ["scores", "scores5_shape"], ["scores5"]),
-        # mask: slot j allowed for query s iff j <= pos and (window <= 0 or j > pos - window)
+        # mask: slot j allowed for query s iff j <= pos and (window <= 0 or j > pos - window) and policy
         n("Range", ["i0", "T", "i1"], ["arange_t"]),
         n("Unsqueeze", ["pos", "minus1"], ["pos_bs1"]),
         n("LessOrEqual", ["arange_t", "pos_bs1"], ["causal"]),
         n("Sub", ["pos_bs1", "window"], ["win_start"]), n("Greater", ["arange_t", "win_start"], ["in_window"]),
         n("LessOrEqual", ["window", "i0"], ["no_window"]),
         n("Or", ["in_window", "no_window"], ["window_ok"]),
-        n("And", ["causal", "window_ok"], ["allowed"]),
+        # sink_window policy of this phase (decode: S == 1): j < sink or j > pos - window (window 0 = off)
+        n("Equal", ["S", "i1"], ["is_decode"]),
+        n("Where", ["is_decode", "decode_sink", "prefill_sink"], ["p_sink"]),
+        n("Where", ["is_decode", "decode_window", "prefill_window"], ["p_window"]),
+        n("Less", ["arange_t", "p_sink"], ["in_sink"]),
+        n("Sub", ["pos_bs1", "p_window"], ["p_start"]), n("Greater", ["arange_t", "p_start"], ["in_recent"]),
+        n("LessOrEqual", ["p_window", "i0"], ["no_policy"]),
+        n("Or", ["in_sink", "in_recent"], ["policy_keep"]), n("Or", ["policy_keep", "no_policy"], ["policy_ok"]),
+        n("And", ["causal", "window_ok"], ["model_ok"]),
+        n("And", ["model_ok", "policy_ok"], ["allowed"]),
         n("Unsqueeze", ["allowed", "axes_1_2"], ["allowed5"]),
         n("Cast", ["scores5"], ["scores5_f"], to=TensorProto.FLOAT),
         n("Where", ["allowed5", "scores5_f", "neg_inf"], ["masked"]),

@@ -17,6 +17,7 @@ from .function_body import kv_attention_function
 from .wrapper import DecoderStep
 
 MODEL_FILE = "model.onnx"
+TRACE_OPSET_MAX = 20  # the TorchScript exporter's newest opset; later targets go through onnx.version_converter
 DATA_FILE = "model.onnx.data"
 
 
@@ -56,10 +57,14 @@ def trace_to_onnx(step: DecoderStep, max_context: int, dtype: torch.dtype, opset
         warnings.simplefilter("ignore")
         raw = Path(tmp) / MODEL_FILE
         with torch.no_grad():
-            torch.onnx.export(step, args, str(raw), dynamo=False, opset_version=opset, input_names=inputs,
-                              output_names=outputs, dynamic_axes=dynamic, custom_opsets={DOMAIN: 1},
+            torch.onnx.export(step, args, str(raw), dynamo=False, opset_version=min(opset, TRACE_OPSET_MAX),
+                              input_names=inputs, output_names=outputs, dynamic_axes=dynamic, custom_opsets={DOMAIN: 1},
                               do_constant_folding=True)
         model = onnx.load(str(raw), load_external_data=True)
+    if opset > TRACE_OPSET_MAX:
+        from onnx import version_converter
+
+        model = version_converter.convert_version(model, opset)
     if dynamic["logits"][1] == "one":
         model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 1
     attention_nodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
@@ -88,11 +93,15 @@ def share_transposed_weights(model: onnx.ModelProto) -> int:
     saved, drop, nodes = 0, set(), []
     for name, init in inits.items():
         rows, cols = init.dims
+        if rows == cols or name in drop:
+            continue
+        a = None
         for other in by_shape.get((cols, rows), []):
-            if other == name or other in drop or name in drop:
+            if other in drop:
                 continue
-            a, b = numpy_helper.to_array(init), numpy_helper.to_array(inits[other])
-            if a.dtype == b.dtype and np.array_equal(a, b.T):
+            a = numpy_helper.to_array(init) if a is None else a
+            b = numpy_helper.to_array(inits[other])
+            if a.dtype == b.dtype and np.array_equal(a[:4], b[:, :4].T) and np.array_equal(a, b.T):
                 drop.add(name)
                 nodes.append(onnx.helper.make_node("Transpose", [other], [name], perm=[1, 0],
                                                    name=f"shared_transpose_{len(nodes)}"))

@@ -37,7 +37,7 @@ def _numpy_dtype(onnx_type: str):
 class OrtGenerator:
     """`OrtGenerator(folder).generate(input_ids, max_new_tokens)`; `folder` holds model.onnx from export_onnx."""
 
-    def __init__(self, folder: str | Path, providers: Sequence[str] | None = None):
+    def __init__(self, folder: str | Path, providers: Sequence[str] | None = None, in_place: bool | None = None):
         self.folder = Path(folder)
         self.session = _session(self.folder / MODEL_FILE, providers)
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -49,6 +49,8 @@ class OrtGenerator:
         self._cache_shapes = [tuple(past[f"past_{kind}_{i}"].shape[1:]) for i in range(self.num_layers)
                               for kind in ("key", "value")]
         self._cache_dtype = _numpy_dtype(past["past_key_0"].type)
+        on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
+        self.in_place = (int(self.meta.get("opset", 0)) >= 24 and on_cpu) if in_place is None else in_place
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         """Zeroed buffers past_key_0, past_value_0, ... each [batch, kv_heads, max_context, head_dim]."""
@@ -64,6 +66,33 @@ class OrtGenerator:
         outs = self.session.run(None, feed)
         return outs[0], list(outs[1:])
 
+    def step_in_place(self, input_ids: np.ndarray, position_ids: np.ndarray, cache_length: np.ndarray,
+                      cache: list) -> np.ndarray:
+        """One graph call with each present_* output bound to its past_* buffer (`cache`: OrtValues from
+        `to_ort_values`), so the cache is updated in place (opset >= 24: TensorScatter). Returns logits."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
+        binding.bind_cpu_input("cache_length", np.ascontiguousarray(cache_length, np.int64))
+        binding.bind_output("logits")
+        for i in range(self.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                binding.bind_ortvalue_input(f"past_{kind}_{i}", cache[2 * i + j])
+                binding.bind_ortvalue_output(f"present_{kind}_{i}", cache[2 * i + j])
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    @staticmethod
+    def to_ort_values(cache: list[np.ndarray]) -> list:
+        import onnxruntime as ort
+
+        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(c)) for c in cache]
+
+    def _advance(self, ids, pos, cache_length, cache):
+        if self.in_place:
+            return self.step_in_place(ids, pos, cache_length, cache), cache
+        return self.step(ids, pos, cache_length, cache)
+
     def prefill(self, prompts: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Run the prompts (right-padded into one batch); returns each one's last logits [B, V] and the cache."""
         lengths = np.array([len(p) for p in prompts], np.int64)
@@ -76,12 +105,14 @@ class OrtGenerator:
                 last.append(logits[0, -1])
                 for buf, new in zip(cache, one):
                     buf[b] = new[0]
-            return np.stack(last), cache
+            return np.stack(last), (self.to_ort_values(cache) if self.in_place else cache)
         ids = np.zeros((batch, width), np.int64)
         for b, p in enumerate(prompts):
             ids[b, : len(p)] = p
         pos = np.broadcast_to(np.arange(width), (batch, width))
-        logits, cache = self.step(ids, pos, np.zeros(batch, np.int64), cache)
+        if self.in_place:
+            cache = self.to_ort_values(cache)
+        logits, cache = self._advance(ids, pos, np.zeros(batch, np.int64), cache)
         last = logits[:, -1] if self.last_only else logits[np.arange(batch), lengths - 1]
         return last, cache
 
@@ -112,7 +143,7 @@ class OrtGenerator:
             if done.all() or t == max_new_tokens - 1:
                 break
             length = lengths + t
-            logits, cache = self.step(nxt[:, None], length[:, None], length, cache)
+            logits, cache = self._advance(nxt[:, None], length[:, None], length, cache)
             last = logits[:, -1]
         out = [np.concatenate([p, np.array(g, np.int64)]) for p, g in zip(prompts, generated)]
         if rectangular and len({len(o) for o in out}) == 1:

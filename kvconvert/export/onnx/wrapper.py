@@ -84,10 +84,13 @@ class DecoderStep(nn.Module):
 
     def layer_attributes(self, layer: int, query: torch.Tensor, scaling, sliding_window, softcap) -> dict[str, Any]:
         num_heads, head_dim = query.shape[1], query.shape[3]
+        policy = self.policy_attributes[layer]
+        if softcap or sliding_window:  # as kvconvert.sparse: such layers keep the model's own attention
+            policy = {"kind": policy["kind"]} if policy else {}
         attrs = node_attributes(num_heads=num_heads, num_kv_heads=self._past[2 * layer].shape[1],
                                 head_dim=head_dim, scale=head_dim ** -0.5 if scaling is None else float(scaling),
                                 softcap=softcap or 0.0, sliding_window=sliding_window or 0, layer=layer,
-                                policy=self.policy_attributes[layer])
+                                policy=policy)
         self.attributes[layer] = attrs
         return attrs
 
