@@ -143,7 +143,9 @@ def test_smollm2_demo_recipe_reduced(cli, tmp_path):
     code, text, err = cli("run", ROOT / "recipes" / "smollm2-demo.yaml", "--out", out, "-q",
                           "--set", "calib.samples=2", "--set", "calib.seqlen=64", "--set", "eval.max_tokens=128",
                           "--set", "eval.chunk=64", "--set", "heal.steps=2", "--set", "heal.seqlen=64",
-                          "--set", "export_onnx.max_context=128")
+                          "--set", "needle.lengths=[512]", "--set", "needle.depths=[0.5]",
+                          "--set", "sparse_policy.decode.window=256", "--set", "export_onnx.max_context=600",
+                          "--set", "fit_latent.sensitivity_samples=1")
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     rows = _finite_figures(report)
@@ -159,6 +161,10 @@ def test_smollm2_demo_recipe_reduced(cli, tmp_path):
         assert math.isfinite(by_step["export_onnx"]["export_diff"])
     if "sparse_policy" in by_step:
         assert 0 < by_step["sparse_policy"]["decode_read"] < 1
+    if "needle" in by_step:
+        assert 0 <= by_step["needle"]["needle"] <= 1
+    if "fit_latent" in by_step:
+        assert by_step["fit_latent"]["kv_bytes_per_token"] == pytest.approx(2 * 30 * 64 * 2 / 2, rel=0.05)
     assert len(report["pareto"]) >= 2
     md = (out / "report.md").read_text()
     for r in rows:
