@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvconvert.export.onnx.attention_op import kv_attention_reference, node_attributes
-from kvconvert.kernels.kv_step import kv_step
+from kvconvert.kernels.kv_step import kv_step, kv_step_reference
 
 
 @pytest.mark.parametrize("s", [1, 5])
@@ -25,10 +25,11 @@ def test_fused_step_equals_reference_and_writes_in_place(s, case):
     pk, pv = torch.randn(b, kv, t, d), torch.randn(b, kv, t, d)
     cl = torch.tensor([3, 11])
     ref_out, ref_k, ref_v = kv_attention_reference(q, k, v, pk, pv, cl, attrs)
-    buf_k, buf_v = pk.clone(), pv.clone()
-    out = kv_step(q, k, v, buf_k, buf_v, cl, attrs)
-    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
-    assert torch.equal(buf_k, ref_k) and torch.equal(buf_v, ref_v)
+    for fn in (kv_step, kv_step_reference):
+        buf_k, buf_v = pk.clone(), pv.clone()
+        out = fn(q, k, v, buf_k, buf_v, cl, attrs)
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+        assert torch.equal(buf_k, ref_k) and torch.equal(buf_v, ref_v)
 
 
 def test_kernel_compiles_to_ptx_without_gpu():

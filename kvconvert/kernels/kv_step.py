@@ -82,13 +82,42 @@ def kv_step_aot_kernel(Q, K, V, PK, PV, CL, OUT, PK_OUT, PV_OUT, S, T, H, KV, si
                   G, D, BLOCK_D, BLOCK_N)
 
 
+def _phase_window(attrs: dict, s: int) -> tuple[int, int]:
+    phase = "decode" if s == 1 else "prefill"
+    window = int(attrs.get(f"policy_{phase}_window", 0)) if attrs.get(f"policy_{phase}", "dense") != "dense" else 0
+    return (int(attrs.get(f"policy_{phase}_sink", 0)) if window else 0), window
+
+
+def kv_step_reference(query, key, value, past_key, past_value, cache_length, attrs: dict) -> torch.Tensor:
+    """Eager twin of `kv_step` (same signature; past_key/past_value updated in place) -> [B, S, H, D]."""
+    b, h, s, d = query.shape
+    kv, t = past_key.shape[1], past_key.shape[2]
+    for i in range(b):
+        c = int(cache_length[i])
+        past_key[i, :, c:c + s] = key[i]
+        past_value[i, :, c:c + s] = value[i]
+    sink, window = _phase_window(attrs, s)
+    pos = cache_length[:, None] + torch.arange(s)[None]                       # [B, S]
+    j = torch.arange(t)[None, None]
+    ok = j <= pos[..., None]
+    if int(attrs.get("sliding_window", 0)) > 0:
+        ok &= j > pos[..., None] - int(attrs["sliding_window"])
+    if window > 0:
+        ok &= (j < sink) | (pos[..., None] - j < window)
+    k = past_key.float().repeat_interleave(h // kv, 1)
+    v = past_value.float().repeat_interleave(h // kv, 1)
+    scores = query.float() @ k.transpose(2, 3) * float(attrs["scale"])       # [B, H, S, T]
+    if float(attrs.get("softcap", 0.0)) > 0:
+        scores = torch.tanh(scores / attrs["softcap"]) * attrs["softcap"]
+    probs = torch.softmax(scores.masked_fill(~ok[:, None], float("-inf")), -1)
+    return (probs @ v).transpose(1, 2).to(query.dtype)
+
+
 def kv_step(query, key, value, past_key, past_value, cache_length, attrs: dict, block_n: int = 32) -> torch.Tensor:
     """Launch `kv_step_kernel` (updates past_key/past_value in place); returns output [B, S, H, D]."""
     b, h, s, d = query.shape
     kv, t = past_key.shape[1], past_key.shape[2]
-    phase = "decode" if s == 1 else "prefill"
-    window = int(attrs.get(f"policy_{phase}_window", 0)) if attrs.get(f"policy_{phase}", "dense") != "dense" else 0
-    sink = int(attrs.get(f"policy_{phase}_sink", 0)) if window else 0
+    sink, window = _phase_window(attrs, s)
     tensors = [x.contiguous() for x in (query, key, value)]
     out = torch.empty((b, s, h, d), dtype=query.dtype, device=query.device)
     kv_step_kernel[(b * kv,)](*tensors, past_key, past_value, cache_length, out, s, t, h, kv, sink, window,
