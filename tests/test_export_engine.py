@@ -113,7 +113,7 @@ def test_profile_max_below_opt_is_exit_2_nothing_written(cli, tiny_onnx, tmp_pat
 
 @needs_rtx
 def test_cli_export_engine(cli, tiny_onnx, tmp_path):
-    code, out, err = cli("export", "engine", tiny_onnx, "--out", tmp_path / "eng", "--max-batch", "2")
+    code, _, err = cli("export", "engine", tiny_onnx, "--out", tmp_path / "eng", "--max-batch", "2")
     assert code == 0, err
     assert (tmp_path / "eng" / "model.plan").is_file()
 

@@ -38,7 +38,7 @@ def test_kernel_compiles_to_ptx_without_gpu():
             "print(json.dumps([compile_ptx(dt, group=3, head_dim=64, cc=80) for dt in ('fp16', 'bf16')] + "
             "[compile_ptx('fp16', group=3, head_dim=64, cc=86, aot_scale=0.125)]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=300,
                          cwd=Path(__file__).parents[1])
     assert res.returncode == 0, res.stderr[-2000:]
     for name, ptx, meta in json.loads(res.stdout.strip().splitlines()[-1]):

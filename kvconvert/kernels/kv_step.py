@@ -26,14 +26,14 @@ def _kv_step_body(Q, K, V, PK, PV, CL, OUT, S, T, H, KV, sink, window, sliding, 
     dims = tl.arange(0, BLOCK_D)
     dm = dims < D
     head_kv = (b * KV + g).to(tl.int64)
-    for s in range(0, S):
+    for s in range(S):
         src = (head_kv * S + s) * D + dims
         dst = (head_kv * T + cl + s) * D + dims
         tl.store(PK + dst, tl.load(K + src, mask=dm), mask=dm)
         tl.store(PV + dst, tl.load(V + src, mask=dm), mask=dm)
     tl.debug_barrier()
     toks = tl.arange(0, BLOCK_N)
-    for r in range(0, G * S):
+    for r in range(G * S):
         hh = g * G + r // S
         s = r % S
         q = tl.load(Q + ((b * H + hh).to(tl.int64) * S + s) * D + dims, mask=dm, other=0.0).to(tl.float32)
@@ -90,7 +90,7 @@ def _phase_window(attrs: dict, s: int) -> tuple[int, int]:
 
 def kv_step_reference(query, key, value, past_key, past_value, cache_length, attrs: dict) -> torch.Tensor:
     """Eager twin of `kv_step` (same signature; past_key/past_value updated in place) -> [B, S, H, D]."""
-    b, h, s, d = query.shape
+    b, h, s, _ = query.shape
     kv, t = past_key.shape[1], past_key.shape[2]
     for i in range(b):
         c = int(cache_length[i])

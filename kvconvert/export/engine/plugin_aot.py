@@ -7,8 +7,7 @@ NOT TESTED: the tensorrt_rtx wheels have no `tensorrt.plugin`, and enterprise Te
 machines (see issue 5). The kernel itself and its PTX compilation are tested (tests/test_kv_step_kernel.py).
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: tensorrt.plugin reads the real annotation types
 import re
 from types import ModuleType
 from typing import Any
@@ -33,9 +32,6 @@ def register_aot(trt: ModuleType, meta: dict[str, Any]) -> None:
         import tensorrt.plugin as trtp
     except ImportError:
         raise UserError("--plugin aot needs enterprise TensorRT >= 10.8 with tensorrt.plugin") from None
-    from typing import Tuple, Union
-
-    import numpy as np  # noqa: F401  (tensorrt.plugin inspects annotations only)
 
     from ...kernels.kv_step import compile_ptx
 
@@ -46,7 +42,7 @@ def register_aot(trt: ModuleType, meta: dict[str, Any]) -> None:
                           sliding_window: int, layer: int, policy: str, policy_decode: str, policy_prefill: str,
                           policy_decode_sink: int, policy_decode_window: int, policy_prefill_sink: int,
                           policy_prefill_window: int, plugin_namespace: str, plugin_version: str,
-                          ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+                          ) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
         out = query.like()
         q = query.shape_expr
         out.shape_expr = [q[0], q[2], q[1], value.shape_expr[3]]
@@ -59,8 +55,8 @@ def register_aot(trt: ModuleType, meta: dict[str, Any]) -> None:
                          sliding_window: int, layer: int, policy: str, policy_decode: str, policy_prefill: str,
                          policy_decode_sink: int, policy_decode_window: int, policy_prefill_sink: int,
                          policy_prefill_window: int, plugin_namespace: str, plugin_version: str,
-                         outputs: Tuple[trtp.TensorDesc], tactic: int,
-                         ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
+                         outputs: tuple[trtp.TensorDesc], tactic: int,
+                         ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
         import torch
 
         attrs = {"policy_decode": policy_decode, "policy_decode_sink": policy_decode_sink,

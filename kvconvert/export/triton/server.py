@@ -42,7 +42,7 @@ def server_python() -> Path:
 def locate(python: Path | None = None) -> dict[str, str]:
     """Paths of the tritonserver binary and the Python backend pieces in `python`'s environment."""
     python = python or server_python()
-    res = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([str(python), "-c", _PROBE], check=False, capture_output=True, text=True, timeout=120)
     if res.returncode != 0:
         raise UserError(f"{python} cannot import pytriton (pip install nvidia-pytriton 'numpy<2' there): "
                         f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
@@ -86,7 +86,7 @@ class TritonServer:
         shutil.copy2(self.info["stub"], py / "triton_python_backend_stub")
         return self._tmp
 
-    def start(self, timeout: float = 240.0) -> "TritonServer":
+    def start(self, timeout: float = 240.0) -> TritonServer:
         backends = self._backend_dir()
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [self.info["libs"], self.info["libdir"],
@@ -99,7 +99,7 @@ class TritonServer:
                "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", f"--http-port={self.http_port}",
                f"--grpc-port={self.grpc_port}", "--allow-metrics=false", "--exit-timeout-secs=5"]
         self.log_path = self.log_path or backends / "server.log"
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -144,7 +144,7 @@ class TritonServer:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:  # noqa: PYI034
         return self.start()
 
     def __exit__(self, *exc) -> None:
