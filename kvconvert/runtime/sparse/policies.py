@@ -45,8 +45,7 @@ class PageTopKPolicy(StrictConfig):
     Per (sequence, KV head, page) the cache keeps the element-wise min and max of the page's keys.
     The query scores each page by `sum_d max(q_d*kmin_d, q_d*kmax_d)` (max over the query heads of
     the group), the top pages are read. `sink_pages` first and `recent_pages` last pages are always
-    kept. Pages kept = `floor(budget/page)` if `budget` (tokens) is given, else `floor(keep * pages)`
-    (never more than asked; at least sink + recent pages).
+    kept. Pages kept = `ceil(budget/page)` if `budget` (tokens) is given, else `ceil(keep * pages)`.
     Contexts shorter than `dense_below` tokens and the layers in `dense_layers` stay dense.
     """
 
@@ -67,7 +66,7 @@ class PageTopKPolicy(StrictConfig):
             raise ValueError(
                 f"budget={self.budget} tokens is larger than the shortest sparse context dense_below="
                 f"{self.dense_below}: raise dense_below to at least the budget or lower the budget")
-        if self.budget is not None and self.budget // self.page < self.sink_pages + self.recent_pages:
+        if self.budget is not None and math.ceil(self.budget / self.page) < self.sink_pages + self.recent_pages:
             raise ValueError(f"budget={self.budget} tokens is fewer than sink_pages+recent_pages pages "
                              f"of {self.page} tokens")
         return self
@@ -81,9 +80,9 @@ class PageTopKPolicy(StrictConfig):
             if self.budget > context:
                 raise UserError(f"page_topk.budget={self.budget} tokens is larger than the context "
                                 f"({context} tokens); lower budget")
-            k = self.budget // self.page
+            k = math.ceil(self.budget / self.page)
         else:
-            k = math.floor(self.keep * pages + 1e-9)
+            k = math.ceil(self.keep * pages - 1e-9)
         return min(pages, max(k, self.sink_pages + self.recent_pages))
 
 
