@@ -24,6 +24,8 @@ TINY: dict[str, dict] = {
                 word_embed_proj_dim=64, max_position_embeddings=512),
     "gpt_neox": dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=96,
                      vocab_size=160, max_position_embeddings=512),
+    # kvconvert fit-latent output (full-rank latents, qwen2 base: K/V biases); registered on `import kvconvert`
+    "kvconvert_latent": dict(base_model_type="qwen2", num_attention_heads=4, num_key_value_heads=2),
 }
 MHA_ONLY = {"gpt2", "opt", "gpt_neox"}
 

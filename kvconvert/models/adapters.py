@@ -161,3 +161,27 @@ class GptNeoXAdapter(MhaOnly):
     names = ProjectionNames(q=None, k=None, v=None, o="dense", qkv="query_key_value")
     attn_prefix = "gpt_neox.layers.{layer}.attention"
     rotary = True
+
+
+@register("kvconvert_latent")
+class LatentKVAdapter(ArchitectureAdapter):
+    """`kvconvert fit-latent` output: the base architecture (`base_model_type`) with K/V from cached latents.
+
+    Inside each attention block: `q_proj`, `k_latent`/`v_latent` (or `kv_latent`), `k_proj`/`v_proj` (latent
+    -> K/V, with the base biases), `o_proj`, and `q_norm`/`k_norm` for QK-norm bases; `kv_widths` (set by
+    `describe` from `kvconvert_latent.kv_widths`) are the latent widths the cache stores.
+    """
+
+    supports_gqa = False
+    gqa_note = "latent checkpoints are not re-grouped; run mha-to-gqa before fit-latent"
+
+    def view(self, config: Any) -> AttentionView:
+        from dataclasses import replace
+
+        from .registry import get_adapter
+
+        base_type = self.get(config, "base_model_type") or "llama"
+        base = get_adapter(base_type).view(config)
+        names = ProjectionNames(o=base.names.o, q_norm=base.names.q_norm, k_norm=base.names.k_norm)
+        return replace(base, model_type="kvconvert_latent", names=names, supports_gqa=False,
+                       gqa_note=f"kvconvert_latent: {self.gqa_note}")

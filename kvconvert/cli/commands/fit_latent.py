@@ -1,0 +1,67 @@
+"""kvconvert fit-latent MODEL --out DIR (--rank R | --kv-ratio F): low-rank latent K/V, cache stores the latent."""
+
+from __future__ import annotations
+
+import json
+
+from ..options import add_calib_flags, add_output_flags, add_source_flags, open_source
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser(
+        "fit-latent", parents=[common], help="low-rank latent K/V fitted on calibration text (cache holds latents)",
+        description="Factor each layer's K and V projections as latent-down x up with small inner ranks, fitted "
+                    "on calibration activations (attention-weighted PCA of K/V, exact at full rank), ranks "
+                    "allocated from one global budget by measured sensitivity. The output loads with "
+                    "kvconvert.load_latent() or AutoModelForCausalLM after `import kvconvert`; its cache stores "
+                    "the pre-RoPE latents.")
+    add_source_flags(p)
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, metavar="R", help="latent width per K and per V (joint: of the KV latent)")
+    size.add_argument("--kv-ratio", type=float, metavar="F", help="cached KV elements / the input's, in (0, 1]")
+    p.add_argument("--joint-kv", action="store_true", default=None, help="one latent per layer for both K and V")
+    p.add_argument("--allocation", choices=["uniform", "sensitivity"], default=None,
+                   help="how ranks are spread across layers (sensitivity)")
+    p.add_argument("--metric", choices=["attention", "none"], default=None,
+                   help="error the fit minimises: attention-logit/output weighted (attention) or plain K/V (none)")
+    p.add_argument("--keep-full-layers", type=int, nargs="+", default=None, metavar="L",
+                   help="layers kept at full width (negative counts from the end, e.g. 0 -1)")
+    add_output_flags(p)
+    add_calib_flags(p)
+    p.add_argument("--heal-steps", type=int, default=None, metavar="N", help="KD healing steps (0)")
+    p.add_argument("--heal-lr", type=float, default=None, help="healing AdamW learning rate")
+    p.add_argument("--heal-seqlen", type=int, default=None, help="tokens per healing sequence")
+    p.add_argument("--heal-batch", type=int, default=None, help="sequences per healing step")
+    p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity measurement")
+    p.add_argument("--eval-text", default=None, help="held-out evaluation text (builtin:gpl3)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ...convert.latent import LatentConfig, fit_latent
+
+    calib = {k: v for k, v in {"source": args.calib, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
+                                "seed": args.seed}.items() if v is not None}
+    heal = {k: v for k, v in {"steps": args.heal_steps, "lr": args.heal_lr, "seqlen": args.heal_seqlen,
+                               "batch": args.heal_batch, "seed": args.seed}.items() if v is not None}
+    if args.calib:
+        heal["calib"] = {"source": args.calib}
+    flags = {"rank": args.rank, "kv_ratio": args.kv_ratio, "joint_kv": args.joint_kv, "allocation": args.allocation,
+             "metric": args.metric, "keep_full_layers": args.keep_full_layers, "calib": calib, "heal": heal,
+             "max_shard_size": args.max_shard_size, "evaluate": False if args.no_eval else None,
+             "eval": {"text": args.eval_text} if args.eval_text else None}
+    cfg = LatentConfig.parse({k: v for k, v in flags.items() if v is not None})
+    source = open_source(args)
+    result = fit_latent(source, cfg, args.out, overwrite=args.overwrite, progress=not getattr(args, "quiet", False))
+    m = result.metrics
+    if args.json:
+        print(json.dumps({"out": str(result.out), **m}, indent=2, default=str))
+        return 0
+    print(f"wrote {result.out}: KV cache x{m['kv_fraction']:.3f} "
+          f"({m['kv_bytes_per_token'][0]:,} -> {m['kv_bytes_per_token'][1]:,} bytes/token bf16), "
+          f"calibration {m['calibration_seconds']:.1f}s")
+    if "eval" in m:
+        print(f"perplexity {m['eval_base']['perplexity']:.3f} -> {m['eval']['perplexity']:.3f} "
+              f"on {m['eval']['eval_text']}")
+    return 0

@@ -1,0 +1,71 @@
+"""Loss-aware metric for fit-latent: the empirical Fisher of each layer's K/V outputs.
+
+F_l = (1/N) sum_t g_t g_t^T with g_t = d(total next-token NLL)/d[k_t; v_t] at layer l (pre-RoPE, pre-QK-norm
+projection outputs, Tensor[2 * kv_width]). For an error e_t on those outputs the loss grows by about
+(N/2) E[e^T F e], so a PCA weighted by F minimises the loss increase itself and its eigenvalues are in loss
+units for every layer, K and V alike: one global budget can be allocated by them without probing.
+One forward + backward per calibration sequence; parameters get no gradients (the hooked outputs are leaves).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models import AttentionView
+
+
+def _kv_modules(model, view: AttentionView, layer: int):
+    pre = view.layer_prefix(layer)
+    if view.fused_qkv:
+        return [(model.get_submodule(f"{pre}.{view.names.qkv}"), "qkv")]
+    return [(model.get_submodule(f"{pre}.{view.names.k}"), "k"), (model.get_submodule(f"{pre}.{view.names.v}"), "v")]
+
+
+def kv_output_fishers(model, view: AttentionView, batches: Iterable[torch.Tensor], progress: bool = True
+                      ) -> tuple[list[torch.Tensor], int]:
+    """Per layer F [2*kv_width, 2*kv_width] (fp64, rows/cols [K | V]) and the number of scored tokens."""
+    kvw = view.num_kv_heads * view.head_dim
+    hq = view.num_heads * view.head_dim
+    fishers = [torch.zeros(2 * kvw, 2 * kvw, dtype=torch.float64) for _ in range(view.num_layers)]
+    grads: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+
+    def hook(layer: int, part: str):
+        def fn(module, args, out):
+            out = out.detach().requires_grad_(True)
+            out.register_hook(lambda g: grads.__setitem__((layer, part), g.detach()))
+            return out
+        return fn
+
+    for layer in range(view.num_layers):
+        for module, part in _kv_modules(model, view, layer):
+            handles.append(module.register_forward_hook(hook(layer, part)))
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    device = next(model.parameters()).device
+    count = 0
+    try:
+        for ids in tqdm(list(batches), desc="fisher", disable=not progress, leave=False):
+            ids = ids.to(device)
+            with torch.enable_grad():
+                logits = model(ids, use_cache=False).logits[0, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+                loss.backward()
+            count += ids.shape[-1] - 1
+            for layer in range(view.num_layers):
+                if view.fused_qkv:
+                    g = grads.pop((layer, "qkv"))[..., hq:]
+                else:
+                    g = torch.cat([grads.pop((layer, "k")), grads.pop((layer, "v"))], dim=-1)
+                g = g.reshape(-1, 2 * kvw).double().cpu()
+                fishers[layer].addmm_(g.T, g)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+    return [f / max(count, 1) for f in fishers], count
