@@ -13,6 +13,7 @@ from kvconvert.export.onnx import OnnxExportConfig, OrtGenerator, export_onnx
 from kvconvert.models import gqa_capable_model_types, registered_model_types
 
 MAX_CONTEXT = 48
+LATENT = {"kvconvert_latent"}  # refused: the latent cache holds pre-RoPE latents (docs/architecture.md)
 
 
 def _grid():
@@ -33,6 +34,11 @@ def _load(folder):
 @pytest.mark.parametrize("model_type,kv_heads", _grid())
 def test_export_matches_transformers(tiny_folder, tmp_path, model_type, kv_heads):
     src = tiny_folder(model_type, kv_heads)
+    if model_type in LATENT:
+        with pytest.raises(UserError, match="latent-KV checkpoints cannot be exported"):
+            export_onnx(str(src), OnnxExportConfig(max_context=MAX_CONTEXT), tmp_path / "onnx", progress=False)
+        assert not (tmp_path / "onnx").exists()
+        return
     result = export_onnx(str(src), OnnxExportConfig(max_context=MAX_CONTEXT), tmp_path / "onnx", progress=False)
     v = result.metrics["validation"]
     assert v["passed"] and v["decode_steps"] >= 1
@@ -137,9 +143,43 @@ def test_sink_window_policy_equals_sparse_reference(tiny_folder, tmp_path, model
     assert np.abs(logits - dense).max() > 1e-2  # the policy really restricts attention
 
 
-def test_unexportable_policy_is_refused(tiny_folder, tmp_path):
-    with pytest.raises(UserError, match="page_topk"):
-        export_onnx(str(tiny_folder("llama", 2)), OnnxExportConfig(max_context=8, policy="page_topk:page=16"),
+def test_page_topk_policy_equals_sparse_reference(tiny_folder, tmp_path):
+    """Decode steps past dense_below read the selected pages only, in ONNX Runtime as in kvconvert.sparse."""
+    cfg = OnnxExportConfig(max_context=128, policy="page_topk:page=16,keep=0.25,dense_below=64",
+                           validate_decode_steps=2)
+    result = export_onnx(str(tiny_folder("qwen3", 2)), cfg, tmp_path / "pt", progress=False)
+    v = result.metrics["validation"]
+    assert v["prompt_len"] >= 64 and v["max_abs_diff"] <= 1e-4, v
+    assert "TopK" in {n.op_type for n in _load(result.out).functions[0].node}
+    gen = OrtGenerator(result.out)
+    ids = (np.arange(90) * 7 % 150 + 3)[None]
+    _, cache = gen.step(ids, np.arange(90)[None], np.array([0]), gen.empty_cache(1))
+    step_logits, _ = gen.step(np.array([[5]]), np.array([[90]]), np.array([90]), cache)
+    model = tiny_model("qwen3", 2)
+    dense = model(torch.from_numpy(np.concatenate([ids, [[5]]], 1))).logits[:, -1].detach().numpy()
+    assert np.abs(step_logits[:, -1] - dense).max() > 1e-3  # pages were really skipped
+
+
+def test_block_sparse_prefill_policy_equals_sparse_reference(tiny_folder, tmp_path):
+    """Long prefills read the selected key blocks only, in ONNX Runtime as in kvconvert.sparse."""
+    cfg = OnnxExportConfig(max_context=192, validate_decode_steps=1,
+                           policy="block_sparse_prefill:tile=64,mass=0.5,dense_below=128")
+    result = export_onnx(str(tiny_folder("llama", 2)), cfg, tmp_path / "bs", progress=False)
+    v = result.metrics["validation"]
+    assert v["prompt_len"] >= 128 and v["max_abs_diff"] <= 1e-4, v
+    gen = OrtGenerator(result.out)
+    ids = (np.arange(160) * 11 % 150 + 3)[None]
+    logits, _ = gen.step(ids, np.arange(160)[None], np.array([0]), gen.empty_cache(1))
+    dense = tiny_model("llama", 2)(torch.from_numpy(ids)).logits.detach().numpy()
+    assert np.abs(logits - dense).max() > 1e-3  # blocks were really skipped
+
+
+def test_policy_sizes_must_divide_the_capacity(tiny_folder, tmp_path):
+    with pytest.raises(UserError, match="multiple of the block_sparse_prefill tile 64"):
+        export_onnx(str(tiny_folder("llama", 2)), OnnxExportConfig(max_context=96, policy="block_sparse_prefill"),
+                    tmp_path / "p", progress=False)
+    with pytest.raises(UserError, match="multiple of the page_topk page size 16"):
+        export_onnx(str(tiny_folder("llama", 2)), OnnxExportConfig(max_context=40, policy="page_topk:page=16"),
                     tmp_path / "p", progress=False)
     assert not (tmp_path / "p").exists()
 
@@ -150,8 +190,8 @@ def test_wrong_graph_fails_validation_and_writes_nothing(tiny_folder, tmp_path, 
 
     real = graph.kv_attention_function
 
-    def broken(names, opset):
-        fn = real(names, opset)
+    def broken(*args):
+        fn = real(*args)
         for node in fn.node:
             if list(node.output) == ["scores_scaled"]:
                 node.input[1] = node.input[0]  # scores * scores instead of scores * scale

@@ -11,7 +11,8 @@ from kvconvert.export.onnx.attention_op import DOMAIN, OP_TYPE, kv_attention_ref
 from kvconvert.export.onnx.function_body import INPUTS, OUTPUTS, kv_attention_function
 
 
-def single_node_model(attrs: dict, opset: int = 17) -> onnx.ModelProto:
+def single_node_model(attrs: dict, opset: int = 17, page_topk: bool = False,
+                      block_sparse: bool = False) -> onnx.ModelProto:
     f = TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64 if n == "cache_length" else f,
                                             [None] if n == "cache_length" else [None] * 4) for n in INPUTS]
@@ -19,7 +20,7 @@ def single_node_model(attrs: dict, opset: int = 17) -> onnx.ModelProto:
     node = helper.make_node(OP_TYPE, INPUTS, OUTPUTS, domain=DOMAIN, **attrs)
     graph = helper.make_graph([node], "kv_attention", inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
-                              functions=[kv_attention_function(sorted(attrs), opset)])
+                              functions=[kv_attention_function(sorted(attrs), opset, page_topk, block_sparse)])
     model.ir_version = 8 if opset < 21 else 10
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -63,7 +64,7 @@ def test_reference_is_causal_attention_over_written_slots():
     attrs = node_attributes(num_heads=h, num_kv_heads=kv, head_dim=d, scale=0.3)
     q, k, v = torch.randn(b, h, s, d), torch.randn(b, kv, s, d), torch.randn(b, kv, s, d)
     past_k, past_v = torch.randn(b, kv, t, d), torch.randn(b, kv, t, d)
-    out, pk, pv = kv_attention_reference(q, k, v, past_k, past_v, torch.tensor([4]), attrs)
+    out, _, _ = kv_attention_reference(q, k, v, past_k, past_v, torch.tensor([4]), attrs)
     keys = torch.cat([past_k[:, :, :4], k], 2).repeat_interleave(h // kv, 1)
     vals = torch.cat([past_v[:, :, :4], v], 2).repeat_interleave(h // kv, 1)
     mask = torch.ones(s, 4 + s, dtype=torch.bool).tril(4)
@@ -82,3 +83,55 @@ def test_sink_window_mask_matches_the_sparse_kernel_rule():
             t = 5 + r
             want = [j <= t and (j < sink or t - j < window) for j in range(12)]
             assert got[r].tolist() == want
+
+
+PAGE_TOPK = {"kind": "page_topk", "decode": "page_topk", "decode_page": 4, "decode_keep": 0.4,
+             "decode_sink_pages": 1, "decode_recent_pages": 1, "decode_dense_below": 8}
+
+
+@pytest.mark.parametrize("opset", [17, 24])
+@pytest.mark.parametrize("s,budget", [(1, 0), (1, 12), (3, 0)])
+def test_page_topk_body_equals_kernel_selection(s, budget, opset):
+    """Decode rows at/after dense_below read only the selected pages; prefill and short rows stay dense."""
+    torch.manual_seed(3)
+    b, heads, kv, t, d = 3, 4, 2, 32, 8
+    attrs = node_attributes(num_heads=heads, num_kv_heads=kv, head_dim=d, scale=d ** -0.5,
+                            policy={**PAGE_TOPK, "decode_budget": budget})
+    q = torch.randn(b, heads, s, d)
+    k, v = torch.randn(b, kv, s, d), torch.randn(b, kv, s, d)
+    past_k, past_v = torch.randn(b, kv, t, d), torch.randn(b, kv, t, d)
+    cache_length = torch.tensor([3, 21, 28])
+    ref = kv_attention_reference(q, k, v, past_k, past_v, cache_length, attrs)
+    dense = kv_attention_reference(q, k, v, past_k, past_v, cache_length,
+                                   {**attrs, "policy_decode_page": 0})
+    model = single_node_model(attrs, opset, page_topk=True)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, dict(zip(INPUTS, [x.numpy() for x in (q, k, v, past_k, past_v, cache_length)])))
+    np.testing.assert_allclose(got[0], ref[0].numpy(), atol=1e-5)
+    differs = (ref[0] - dense[0]).abs().amax(dim=(1, 2, 3)) > 1e-4
+    assert differs.tolist() == ([False, True, True] if s == 1 else [False, False, False])
+
+
+BLOCK_SPARSE = {"kind": "block_sparse_prefill", "prefill": "block_sparse_prefill", "prefill_tile": 4,
+                "prefill_mass": 0.6, "prefill_sink_blocks": 1, "prefill_local_blocks": 1, "prefill_dense_below": 6}
+
+
+@pytest.mark.parametrize("opset", [17, 24])
+@pytest.mark.parametrize("s,density", [(11, 0.0), (13, 0.5), (4, 0.0), (1, 0.0)])
+def test_block_sparse_body_equals_kernel_selection(s, density, opset):
+    """Prefill steps of >= dense_below tokens read only the selected key blocks; shorter ones and decode stay dense."""
+    torch.manual_seed(4)
+    b, heads, kv, t, d = 2, 4, 2, 32, 8
+    attrs = node_attributes(num_heads=heads, num_kv_heads=kv, head_dim=d, scale=d ** -0.5,
+                            policy={**BLOCK_SPARSE, "prefill_density": density})
+    q = torch.randn(b, heads, s, d)
+    k, v = torch.randn(b, kv, s, d), torch.randn(b, kv, s, d)
+    past_k, past_v = torch.randn(b, kv, t, d), torch.randn(b, kv, t, d)
+    cache_length = torch.tensor([0, 9])
+    ref = kv_attention_reference(q, k, v, past_k, past_v, cache_length, attrs)
+    dense = kv_attention_reference(q, k, v, past_k, past_v, cache_length, {**attrs, "policy_prefill_tile": 0})
+    model = single_node_model(attrs, opset, block_sparse=True)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, dict(zip(INPUTS, [x.numpy() for x in (q, k, v, past_k, past_v, cache_length)])))
+    np.testing.assert_allclose(got[0], ref[0].numpy(), atol=1e-5)
+    assert bool((ref[0] - dense[0]).abs().max() > 1e-4) == (s >= 6)

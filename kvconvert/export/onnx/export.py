@@ -27,9 +27,10 @@ def _source(model: Any) -> ModelSource:
     return model if isinstance(model, ModelSource) else resolve_source(model)
 
 
-def _check_exportable(view: AttentionView) -> None:
+def _check_exportable(view: AttentionView, config: dict[str, Any]) -> None:
     standard = (view.num_kv_heads * view.head_dim,) * 2
-    if any(tuple(w) != standard for w in view.widths()):
+    latent = config.get("model_type") == "kvconvert_latent" or "kvconvert_latent" in config
+    if latent or any(tuple(w) != standard for w in view.widths()):
         raise UserError(f"{view.model_type}: latent-KV checkpoints cannot be exported to ONNX yet; "
                         "export the model before fit-latent")
 
@@ -65,11 +66,11 @@ def export_onnx(model: Any, cfg: OnnxExportConfig | None = None, out: str | Path
     source = _source(model)
     config = source.config_dict()
     view = describe(config)
-    _check_exportable(view)
+    _check_exportable(view, config)
     max_context = cfg.max_context or min(view.max_position_embeddings or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT)
     if max_context < 2:
         raise UserError(f"--max-context {max_context} is too small; use at least 2")
-    policy = bind_policy(cfg.policy, view)
+    policy = bind_policy(cfg.policy, view, max_context)
     dtype = TORCH_DTYPES[cfg.dtype]
     out = Path(out)
     started = time.perf_counter()
@@ -81,7 +82,8 @@ def export_onnx(model: Any, cfg: OnnxExportConfig | None = None, out: str | Path
         bar.update()
         bar.set_description("trace")
         step = DecoderStep(torch_model, view, logits=cfg.logits, policy_attributes=policy.layer_attributes)
-        graph = trace_to_onnx(step, max_context, dtype, cfg.opset, tmp / "model.onnx")
+        graph = trace_to_onnx(step, max_context, dtype, cfg.opset, tmp / "model.onnx", page_topk=policy.page_topk,
+                              block_sparse=policy.block_sparse)
         vocab = int(torch_model.get_output_embeddings().weight.shape[0])
         attach_metadata(graph, graph_metadata(view, cfg, max_context, vocab, _special_tokens(source, config),
                                               step.attributes, policy))
@@ -99,7 +101,7 @@ def export_onnx(model: Any, cfg: OnnxExportConfig | None = None, out: str | Path
         if cfg.validate:
             bar.set_description("validate")
             steps = min(cfg.validate_decode_steps, max(0, max_context - 2))
-            prompt = max(1, min(cfg.validate_prompt_len, max_context - steps))
+            prompt = max(1, min(max(cfg.validate_prompt_len, policy.min_validate_len), max_context - steps))
             found = _validate(tmp, torch_model, prompt, steps, policy)
             found["tolerance"] = cfg.resolved_tolerance()
             found["scaled_max_abs_diff"] = found["max_abs_diff"] / max(1.0, found["logit_scale"])

@@ -45,7 +45,8 @@ def example_inputs(step: DecoderStep, max_context: int, dtype: torch.dtype, batc
     return (ids, pos, cache_length, *past)
 
 
-def trace_to_onnx(step: DecoderStep, max_context: int, dtype: torch.dtype, opset: int, path: Path) -> onnx.ModelProto:
+def trace_to_onnx(step: DecoderStep, max_context: int, dtype: torch.dtype, opset: int, path: Path,
+                  page_topk: bool = False, block_sparse: bool = False) -> onnx.ModelProto:
     """torch.onnx (TorchScript exporter) -> ModelProto with the KVAttention function attached."""
     inputs, outputs = io_names(step.view.num_layers)
     dynamic = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"},
@@ -75,7 +76,7 @@ def trace_to_onnx(step: DecoderStep, max_context: int, dtype: torch.dtype, opset
         node.name = f"kv_attention_{i}"
     share_transposed_weights(model)
     names = sorted({a.name for n in attention_nodes for a in n.attribute})
-    model.functions.append(kv_attention_function(names, opset))
+    model.functions.append(kv_attention_function(names, opset, page_topk, block_sparse))
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     return model

@@ -6,13 +6,13 @@ Needs only numpy + onnxruntime (no torch), so a serving process can use it as is
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from .graph import MODEL_FILE
-
 
 
 def _session(path: Path, providers: Sequence[str] | None):

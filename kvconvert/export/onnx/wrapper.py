@@ -18,7 +18,7 @@ from ...models import AttentionView
 from .attention_op import kv_attention, node_attributes
 
 ATTN_IMPLEMENTATION = "kvconvert_onnx"
-_ACTIVE: list["DecoderStep"] = []
+_ACTIVE: list[DecoderStep] = []
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
