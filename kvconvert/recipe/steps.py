@@ -28,7 +28,9 @@ from ..convert.heal import HealConfig
 from ..convert.latent import LatentConfig
 from ..eval.evaluate import EvalConfig
 from ..eval.needle import NeedleConfig
+from ..export.engine import EngineConfig
 from ..export.onnx import OnnxExportConfig
+from ..export.triton import TritonRepoConfig
 from ..models import AttentionView
 from ..runtime.sparse import SparsePolicy
 
@@ -211,3 +213,24 @@ def _needle(cfg: NeedleConfig, ctx: StepContext) -> StepResult:
     name = result["policies"][-1]
     metrics = {k: result[k] for k in ("lengths", "depths", "policies", "retrieval", "kv_read_fraction", "seconds")}
     return StepResult(metrics=metrics, figures={"needle": result["retrieval"][name]})
+
+
+@register("export_engine", EngineConfig, reads=("onnx",), writes="engine")
+def _export_engine(cfg: EngineConfig, ctx: StepContext) -> StepResult:
+    """TensorRT / TensorRT-RTX engine (model.plan) from the earlier ONNX export (kvconvert.export.engine)."""
+    from ..export.engine import export_engine
+
+    res = export_engine(ctx.inputs["onnx"], cfg, ctx.out, overwrite=True, progress=ctx.progress)
+    return StepResult(metrics=res.metrics, artifact=res.out,
+                      figures={"engine_bytes": res.metrics["engine"]["plan_bytes"]})
+
+
+@register("export_triton", TritonRepoConfig, reads=("onnx",), writes="triton", optional=("engine",))
+def _export_triton(cfg: TritonRepoConfig, ctx: StepContext) -> StepResult:
+    """Triton Inference Server model repository from the earlier engine, else the ONNX export
+    (kvconvert.export.triton)."""
+    from ..export.triton import export_triton
+
+    src = ctx.inputs.get("engine") or ctx.inputs["onnx"]
+    res = export_triton(src, cfg, ctx.out, overwrite=True)
+    return StepResult(metrics={**res.metrics, "from": str(src)}, artifact=Path(res.out))
