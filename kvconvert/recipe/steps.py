@@ -150,12 +150,15 @@ def _mha_to_gqa(cfg: GQAConfig, ctx: StepContext) -> StepResult:
 @register("sparse_policy", SparsePolicy, writes="policy")
 def _sparse_policy(cfg: SparsePolicy, ctx: StepContext) -> StepResult:
     """Choose the sparse attention policy later steps use (written as policy.yaml; kvconvert.runtime.sparse)."""
+    from ..errors import UserError
     from ..models import describe
-    from ..runtime.sparse.attention import _check_layers
     from .sparse_read import decode_read_fraction
 
     view = describe(ctx.model().config_dict())
-    _check_layers(cfg, view.num_layers)
+    named = set(cfg.layers) | {i for p in (cfg.decode, cfg.prefill) for i in getattr(p, "dense_layers", [])}
+    if any(not 0 <= i < view.num_layers for i in named):
+        raise UserError(f"sparse_policy names layers {sorted(named)} but the model has {view.num_layers} layers "
+                        f"(0..{view.num_layers - 1})")
     path = ctx.out / "policy.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
