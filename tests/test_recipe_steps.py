@@ -88,7 +88,7 @@ def test_sparse_policy_layers_are_checked_against_the_model(tiny_folder, tmp_pat
     path = tmp_path / "r.yaml"
     path.write_text(f"version: 1\nmodel: {tiny_folder('llama', 2)}\nsteps:\n  - step: sparse_policy\n"
                     "    layers: {7: {decode: {kind: sink_window}}}\n")
-    with pytest.raises(UserError, match="out of range"):
+    with pytest.raises(UserError, match="has 2 layers"):
         run_recipe(load_recipe(path), tmp_path / "run", progress=False, echo=lambda s: None)
 
 
