@@ -134,3 +134,21 @@ def test_chain_of_every_step_on_a_tiny_model(tiny_folder, tmp_path):
     last = report["rows"][-1]
     assert last["step"] == "eval" and math.isfinite(last["perplexity"])
     assert len(report["pareto"]) >= 2
+
+
+def test_plan_agrees_with_inspect_what_if(tiny_folder):
+    """--dry-run's expected KV sizes use the same arithmetic as `kvconvert inspect`'s what-if table."""
+    from kvconvert.eval.inspect_report import what_if
+
+    folder = tiny_folder("llama", 2)
+    view = describe(json.loads((folder / "config.json").read_text()))
+    rows = what_if(view, 4096, 2, 2)
+    for row in rows:
+        if row["kind"] == "gqa":
+            step = f"  - step: mha_to_gqa\n    groups: {row['kv_heads']}\n"
+        else:
+            step = f"  - step: fit_latent\n    rank: {row['rank']}\n"
+        recipe = loads_recipe(f"version: 1\nmodel: x\ncontext: 4096\nbatch: 2\nsteps:\n{step}")
+        planned = plan_rows(recipe, view)[1]
+        assert planned["kv_bytes_per_token"] == row["bytes_per_token"], row["label"]
+        assert planned["kv_gib"] == pytest.approx(row["gib"])
