@@ -143,7 +143,7 @@ def test_smollm2_demo_recipe_reduced(cli, tmp_path):
     out = tmp_path / "demo"
     code, text, err = cli("run", ROOT / "recipes" / "smollm2-demo.yaml", "--out", out, "-q",
                           "--set", "calib.samples=2", "--set", "calib.seqlen=64", "--set", "eval.max_tokens=128",
-                          "--set", "eval.chunk=64", "--set", "heal.steps=2", "--set", "heal.seqlen=64", "--set", "mha_to_gqa.method=mean",
+                          "--set", "eval.chunk=64", "--set", "heal.steps=2", "--set", "heal.seqlen=64",
                           "--set", "needle.lengths=[512]", "--set", "needle.depths=[0.5]",
                           "--set", "sparse_policy.decode.window=256", "--set", "export_onnx.max_context=600",
                           "--set", "fit_latent.sensitivity_samples=1")
