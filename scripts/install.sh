@@ -13,7 +13,15 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 EXTRAS="${1:-}"
 if [ "$EXTRAS" = "dev" ]; then
-  $PIP install -e ".[dev,onnx,triton,data]"
+  $PIP install -e ".[dev,onnx,triton,data,serve,tensorrt]"
+  # TensorRT-RTX's ONNX parser dlopens the unversioned name for plugin nodes (the wheel ships only .so.1)
+  RTX_LIBS="$(.venv/bin/python -c 'import os, tensorrt_rtx_libs as m; print(os.path.dirname(m.__file__))' 2>/dev/null || true)"
+  if [ -n "$RTX_LIBS" ] && [ ! -e "$RTX_LIBS/libtensorrt_rtx.so" ]; then ln -s libtensorrt_rtx.so.1 "$RTX_LIBS/libtensorrt_rtx.so"; fi
+  # The CPU Triton Inference Server (nvidia-pytriton wheel) wants numpy<2: its own environment, used by
+  # kvconvert.export.triton.server and the server tests (the stub needs the same Python version as this one)
+  if [ ! -x .venv-tritonserver/bin/python ]; then "$PY" -m venv .venv-tritonserver; fi
+  .venv-tritonserver/bin/python -m pip -q --disable-pip-version-check install "nvidia-pytriton==0.7.0" "numpy<2" \
+      onnxruntime tokenizers
 else
   $PIP install -e .
 fi

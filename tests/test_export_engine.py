@@ -113,6 +113,36 @@ def test_profile_max_below_opt_is_exit_2_nothing_written(cli, tiny_onnx, tmp_pat
 
 @needs_rtx
 def test_cli_export_engine(cli, tiny_onnx, tmp_path):
-    code, out, err = cli("export", "engine", tiny_onnx, "--out", tmp_path / "eng", "--max-batch", "2")
+    code, _, err = cli("export", "engine", tiny_onnx, "--out", tmp_path / "eng", "--max-batch", "2")
     assert code == 0, err
     assert (tmp_path / "eng" / "model.plan").is_file()
+
+
+@pytest.mark.gpu
+@needs_rtx
+@pytest.mark.parametrize("which", ["tiny_onnx", "tiny_onnx_sparse"])
+def test_engine_greedy_equals_onnxruntime(request, tmp_path, which):
+    """Needs an SM80/86/89/120 GPU (TensorRT-RTX targets; not Hopper): the plugin's kernels inside the engine
+    against ONNX Runtime running the KVAttention function body (the reference). Not run on our machines."""
+    from kvconvert.export.engine import EngineConfig, Runner, export_engine
+    from kvconvert.export.onnx.ort_generate import OrtGenerator
+
+    onnx_dir = request.getfixturevalue(which)
+    export_engine(onnx_dir, EngineConfig(max_batch=2, opt_prefill=8), tmp_path / "eng")
+    prompts = [[5, 9, 11, 3, 7], [40, 2, 17]]
+    want = OrtGenerator(onnx_dir, providers=["CPUExecutionProvider"]).generate(prompts, 12, eos_token_id=None)
+    got = Runner(tmp_path / "eng").generate(prompts, 12)
+    assert got == [list(w[len(p):]) for w, p in zip(want, prompts)]
+
+
+@needs_rtx
+def test_runner_refuses_a_plan_from_another_tensorrt_version(tiny_onnx, tmp_path):
+    from kvconvert.export.engine import EngineConfig, Runner, export_engine
+
+    export_engine(tiny_onnx, EngineConfig(), tmp_path / "eng")
+    rec_path = tmp_path / "eng" / "kvconvert.json"
+    rec = json.loads(rec_path.read_text())
+    rec["engine"]["tensorrt_version"] = "0.0.1"
+    rec_path.write_text(json.dumps(rec))
+    with pytest.raises(UserError, match="built with"):
+        Runner(tmp_path / "eng")

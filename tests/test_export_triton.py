@@ -79,7 +79,7 @@ def test_engine_repository_config_parses_and_matches_engine_io(tiny_onnx, tmp_pa
 
 @needs_client
 def test_onnx_repository_generate_config(tiny_onnx, tmp_path, cli):
-    code, out, err = cli("export", "triton", tiny_onnx, "--repo", tmp_path / "repo", "--name", "tiny")
+    code, _, err = cli("export", "triton", tiny_onnx, "--repo", tmp_path / "repo", "--name", "tiny")
     assert code == 0, err
     repo = tmp_path / "repo"
     gen = parse_config(repo / "tiny_generate" / "config.pbtxt")

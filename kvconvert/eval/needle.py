@@ -183,11 +183,11 @@ def plot_needle(result: dict[str, Any], path: str | Path) -> Path:
 
     names = result["policies"]
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1, 3.4), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    for n, (ax, name) in enumerate(zip(axes[0], names)):
         grid = torch.tensor(result["scores"][name]).T.numpy()
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(result["lengths"])), [str(n) for n in result["lengths"]])
-        ax.set_yticks(range(len(result["depths"])), [f"{d:.2f}" for d in result["depths"]])
+        ax.set_yticks(range(len(result["depths"])), [f"{d:.2f}" for d in result["depths"]] if n == 0 else [])
         ax.set_xlabel("context (tokens)")
         ax.set_title(f"{name[:40]}\nKV read {result['kv_read_fraction'][name]:.2f}", fontsize=8)
         for (r, c), v in __import__("numpy").ndenumerate(grid):

@@ -2,7 +2,7 @@
 
 from .config import EngineConfig
 
-__all__ = ["EngineConfig", "export_engine", "Runner"]
+__all__ = ["EngineConfig", "Runner", "export_engine"]
 
 
 def __getattr__(name):

@@ -14,7 +14,7 @@ from ...errors import PassFailed, UserError
 from ...io import PassResult, atomic_output_dir, provenance
 from ...io.hashing import file_sha256
 from .backend import import_backend, version
-from .config import EngineConfig, RTX_TARGETS
+from .config import RTX_TARGETS, EngineConfig
 from .profiles import Profile, engine_profiles
 
 log = logging.getLogger(__name__)

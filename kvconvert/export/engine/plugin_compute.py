@@ -28,7 +28,7 @@ def kv_attention_step(trt, attrs: dict[str, Any], input_desc, output_desc, input
     out = _view(output_desc[0], outputs[0])
     ext = torch.cuda.ExternalStream(stream)
     with torch.cuda.stream(ext):
-        b, h, s, _ = q.shape
+        b, _, s, _ = q.shape
         slots = cache_length[:, None] + torch.arange(s, device=q.device)[None]
         rows = torch.arange(b, device=q.device)[:, None].expand(b, s)
         past_k[rows, :, slots] = k.permute(0, 2, 1, 3)

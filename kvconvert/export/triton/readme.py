@@ -19,10 +19,10 @@ Built with {eng['backend']} {eng['tensorrt_version']} for {', '.join(eng['comput
 a server must run that exact TensorRT version on one of those GPUs. Its KV cache (`past_*` -> `present_*`) is
 sequence state kept by Triton between the steps of a sequence (one buffer for input and output). Send every
 request of a sequence with the same `sequence_id`, `sequence_start` on the first, `sequence_end` on the last.
-""" + ("""The KVAttention plugin of this plan is the Python IPluginV3 (`plugin: python`): Triton's C++ TensorRT
+""" + (f"""The KVAttention plugin of this plan is the Python IPluginV3 (`plugin: python`): Triton's C++ TensorRT
 backend cannot load it. Serve through `{gen}` in engine mode from a Python process that imported kvconvert, or
 rebuild with enterprise TensorRT and `--plugin aot` (the kernel's PTX is embedded; no Python needed).
-""".format(gen=gen) if plugin["needs_python"] else "The plugin is embedded (AOT PTX); no Python is needed to load it.\n")
+""" if plugin["needs_python"] else "The plugin is embedded (AOT PTX); no Python is needed to load it.\n")
     return f"""# Triton model repository (kvconvert)
 
 | model | |

@@ -28,7 +28,7 @@ ENV_VAR = "KVCONVERT_TRITONSERVER_PYTHON"
 DEFAULT_VENV = Path(__file__).resolve().parents[3] / ".venv-tritonserver"
 _PROBE = ("import json, os, sys, sysconfig, pytriton; print(json.dumps({'pytriton': os.path.dirname(pytriton.__file__), "
           "'libdir': sysconfig.get_config_var('LIBDIR'), 'version': '%d.%d' % sys.version_info[:2], "
-          "'purelib': sysconfig.get_paths()['purelib']}))")
+          "'purelib': sysconfig.get_paths()['purelib'], 'home': os.path.dirname(os.path.realpath(sys._base_executable)), 'bin': os.path.dirname(sys.executable)}))")
 
 
 def server_python() -> Path:
@@ -42,7 +42,7 @@ def server_python() -> Path:
 def locate(python: Path | None = None) -> dict[str, str]:
     """Paths of the tritonserver binary and the Python backend pieces in `python`'s environment."""
     python = python or server_python()
-    res = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([str(python), "-c", _PROBE], check=False, capture_output=True, text=True, timeout=120)
     if res.returncode != 0:
         raise UserError(f"{python} cannot import pytriton (pip install nvidia-pytriton 'numpy<2' there): "
                         f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
@@ -86,18 +86,20 @@ class TritonServer:
         shutil.copy2(self.info["stub"], py / "triton_python_backend_stub")
         return self._tmp
 
-    def start(self, timeout: float = 240.0) -> "TritonServer":
+    def start(self, timeout: float = 240.0) -> TritonServer:
         backends = self._backend_dir()
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [self.info["libs"], self.info["libdir"],
                                                                env.get("LD_LIBRARY_PATH")]))
-        env["PYTHONPATH"] = self.info["purelib"]
+        # the stub's embedded Python ignores PYTHONPATH and finds its prefix through `python3` on PATH:
+        # the server environment's bin first makes its site-packages (numpy < 2, onnxruntime, tokenizers) the ones
+        env["PATH"] = os.pathsep.join([self.info["bin"], env.get("PATH", "")])
         env.update(self.extra_env)
         cmd = [self.info["binary"], f"--model-repository={self.repo}", f"--backend-directory={backends}",
                "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", f"--http-port={self.http_port}",
                f"--grpc-port={self.grpc_port}", "--allow-metrics=false", "--exit-timeout-secs=5"]
         self.log_path = self.log_path or backends / "server.log"
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -120,10 +122,13 @@ class TritonServer:
         return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self, chars: int = 3000) -> str:
+        """The server's error lines (E...) and the end of its log."""
         try:
-            return Path(self.log_path).read_text()[-chars:]
+            text = Path(self.log_path).read_text()
         except OSError:
             return ""
+        errors = [line for line in text.splitlines() if line.startswith("E") or "rror" in line]
+        return "\n".join(errors)[-chars:] + "\n...\n" + text[-1000:]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -139,7 +144,7 @@ class TritonServer:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:  # noqa: PYI034
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -171,7 +171,6 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 self._generate(request, sender)
-            except Exception as exc:  # a bad request ends with an error response; the model keeps serving
+            except Exception as exc:  # noqa: BLE001 (a bad request ends with an error response; the model keeps serving)
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}")))
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None
