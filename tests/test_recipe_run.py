@@ -137,6 +137,7 @@ def test_report_of_tiny_run(counted, tiny_folder, tmp_path):
 
 
 @pytest.mark.smollm2
+@pytest.mark.slow
 def test_smollm2_demo_recipe_reduced(cli, tmp_path):
     """The README's demo recipe with small calibration / evaluation, end to end on the real model."""
     out = tmp_path / "demo"

@@ -1,6 +1,7 @@
 """Every registered step type: an example validates and round trips; a chain of all of them runs on a tiny
 model and the report carries each step's figures."""
 
+import importlib.util
 import json
 import math
 
@@ -20,11 +21,15 @@ EXAMPLES = {
                       "layers": {1: {"decode": {"kind": "dense"}}}},
     "needle": {"lengths": [400], "depths": [0.5], "max_new_tokens": 4},
     "export_onnx": {"max_context": 300, "validate_prompt_len": 8, "validate_decode_steps": 2},
+    "export_engine": {"max_batch": 1, "opt_prefill": 8},
+    "export_triton": {"name": "tiny", "max_new_tokens": 8},
     "fit_latent": {"kv_ratio": 0.5, "allocation": "uniform", "metric": "none", "evaluate": True,
                    "eval": {"max_tokens": 64, "chunk": 32}},
 }
+HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None  # engines build without a GPU, if installed
 # export_onnx refuses latent checkpoints: the latent fit comes after it
-ORDER = ["eval", "mha_to_gqa", "heal", "sparse_policy", "needle", "export_onnx", "fit_latent", "eval"]
+ORDER = ["eval", "mha_to_gqa", "heal", "sparse_policy", "needle", "export_onnx"] + (["export_engine"] if HAS_RTX else []) \
+    + ["export_triton", "fit_latent", "eval"]
 
 
 def _recipe_text(model) -> str:
@@ -39,12 +44,28 @@ def test_every_registered_step_has_an_example_that_round_trips():
     assert set(STEPS) == set(EXAMPLES) & set(STEPS) and set(STEPS) <= set(EXAMPLES), \
         f"add an example for {sorted(set(STEPS) - set(EXAMPLES))}"
     for name in STEPS:
-        text = f"version: 1\nmodel: x\nsteps:\n  - step: {name}\n" + "".join(
-            f"    {k}: {json.dumps(v)}\n" for k, v in EXAMPLES[name].items())
+        text = f"version: 1\nmodel: x\nsteps:\n" + "".join(
+            f"  - step: {n}\n" + "".join(f"    {k}: {json.dumps(v)}\n" for k, v in EXAMPLES[n].items())
+            for n in _with_prerequisites(name))
         recipe = loads_recipe(text)
         assert loads_recipe(recipe.dump()) == recipe
         with pytest.raises(UserError, match="unknown key 'bogus_key'"):
             loads_recipe(text + "    bogus_key: 1\n")
+
+
+def _with_prerequisites(name: str) -> list[str]:
+    """`name` preceded by steps that make the artifacts it reads (e.g. export_onnx before export_engine)."""
+    before = []
+    for need in STEPS[name].reads:
+        maker = next((n for n, sp in STEPS.items() if sp.writes == need), None)
+        if need not in ("model", "source") and maker:
+            before += _with_prerequisites(maker)
+    return before + [name]
+
+
+def test_missing_input_artifact_is_named():
+    with pytest.raises(UserError, match=r"steps\[1\] \(export_engine\) reads 'onnx'.*add export_onnx before it"):
+        loads_recipe("version: 1\nmodel: x\nsteps:\n  - step: export_engine\n")
 
 
 def test_nested_misspelt_key_names_the_nested_field():
@@ -67,7 +88,7 @@ def test_sparse_policy_layers_are_checked_against_the_model(tiny_folder, tmp_pat
     path = tmp_path / "r.yaml"
     path.write_text(f"version: 1\nmodel: {tiny_folder('llama', 2)}\nsteps:\n  - step: sparse_policy\n"
                     "    layers: {7: {decode: {kind: sink_window}}}\n")
-    with pytest.raises(UserError, match="out of range"):
+    with pytest.raises(UserError, match="has 2 layers"):
         run_recipe(load_recipe(path), tmp_path / "run", progress=False, echo=lambda s: None)
 
 
@@ -97,6 +118,13 @@ def test_chain_of_every_step_on_a_tiny_model(tiny_folder, tmp_path):
                                                    load_external_data=False).metadata_props}
         resolved = json.loads(meta["kvconvert"])["policy_resolved"]
         assert resolved["decode"]["kind"] == "sink_window", "the export picked up the earlier sparse policy"
+    if "export_engine" in STEPS and HAS_RTX:
+        plan = res.out / rows["export_engine"]["stage"] / "model.plan"
+        assert rows["export_engine"]["engine_bytes"] == plan.stat().st_size > 0
+    if "export_triton" in STEPS:
+        repo = res.out / rows["export_triton"]["stage"]
+        assert (repo / "tiny_generate" / "config.pbtxt").is_file()
+        assert (repo / "tiny" / "1" / "model.plan").is_file() == HAS_RTX
     if "fit_latent" in STEPS:
         lat = rows["fit_latent"]
         assert lat["kv_bytes_per_token"] == pytest.approx(rows["mha_to_gqa"]["kv_bytes_per_token"] / 2, rel=0.1)
@@ -106,3 +134,21 @@ def test_chain_of_every_step_on_a_tiny_model(tiny_folder, tmp_path):
     last = report["rows"][-1]
     assert last["step"] == "eval" and math.isfinite(last["perplexity"])
     assert len(report["pareto"]) >= 2
+
+
+def test_plan_agrees_with_inspect_what_if(tiny_folder):
+    """--dry-run's expected KV sizes use the same arithmetic as `kvconvert inspect`'s what-if table."""
+    from kvconvert.eval.inspect_report import what_if
+
+    folder = tiny_folder("llama", 2)
+    view = describe(json.loads((folder / "config.json").read_text()))
+    rows = what_if(view, 4096, 2, 2)
+    for row in rows:
+        if row["kind"] == "gqa":
+            step = f"  - step: mha_to_gqa\n    groups: {row['kv_heads']}\n"
+        else:
+            step = f"  - step: fit_latent\n    rank: {row['rank']}\n"
+        recipe = loads_recipe(f"version: 1\nmodel: x\ncontext: 4096\nbatch: 2\nsteps:\n{step}")
+        planned = plan_rows(recipe, view)[1]
+        assert planned["kv_bytes_per_token"] == row["bytes_per_token"], row["label"]
+        assert planned["kv_gib"] == pytest.approx(row["gib"])

@@ -101,6 +101,8 @@ def _cell(row: dict[str, Any], key: str, fmt: str | None) -> str:
         return ""
     if key == "engine_bytes":
         return f"{v / 2**20:,.1f}"
+    if key == "kv_gib":
+        return f"{v:,.2f}" if v >= 1 else f"{v:.3g}"
     return fmt.format(v)
 
 

@@ -163,7 +163,7 @@ def _run_step(spec, config, ctx: StepContext, key: str, cfg_json: dict[str, Any]
               out: Path) -> dict[str, Any]:
     folder = ctx.out
     state["steps"].pop(folder.name, None)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         result = spec.run(config, ctx)
     except BaseException as exc:
@@ -175,6 +175,7 @@ def _run_step(spec, config, ctx: StepContext, key: str, cfg_json: dict[str, Any]
         raise
     seconds = time.perf_counter() - t0
     rec: dict[str, Any] = {"status": "done", "key": key, "config": cfg_json, "seconds": round(seconds, 3),
+                           "cpu_seconds": round(time.process_time() - c0, 3),
                            "figures": result.figures, "metrics": result.metrics}
     if spec.writes:
         if result.artifact is None:

@@ -158,8 +158,8 @@ def _check_artifacts(steps: list[RecipeStep], where: str) -> None:
         missing = [r for r in spec.reads if r not in have]
         if missing:
             makers = [n for n, sp in STEPS.items() if sp.writes in missing]
-            raise UserError(f"{where}: steps[{i}] ({s.step}) needs a {missing[0]} made by an earlier step"
-                            + (f" ({' or '.join(makers)})" if makers else ""))
+            raise UserError(f"{where}: steps[{i}] ({s.step}) reads '{missing[0]}', which no earlier step makes"
+                            + (f"; add {' or '.join(makers)} before it" if makers else ""))
         if spec.writes:
             have.add(spec.writes)
 

@@ -28,7 +28,9 @@ from ..convert.heal import HealConfig
 from ..convert.latent import LatentConfig
 from ..eval.evaluate import EvalConfig
 from ..eval.needle import NeedleConfig
+from ..export.engine import EngineConfig
 from ..export.onnx import OnnxExportConfig
+from ..export.triton import TritonRepoConfig
 from ..models import AttentionView
 from ..runtime.sparse import SparsePolicy
 
@@ -148,12 +150,15 @@ def _mha_to_gqa(cfg: GQAConfig, ctx: StepContext) -> StepResult:
 @register("sparse_policy", SparsePolicy, writes="policy")
 def _sparse_policy(cfg: SparsePolicy, ctx: StepContext) -> StepResult:
     """Choose the sparse attention policy later steps use (written as policy.yaml; kvconvert.runtime.sparse)."""
+    from ..errors import UserError
     from ..models import describe
-    from ..runtime.sparse.attention import _check_layers
     from .sparse_read import decode_read_fraction
 
     view = describe(ctx.model().config_dict())
-    _check_layers(cfg, view.num_layers)
+    named = set(cfg.layers) | {i for p in (cfg.decode, cfg.prefill) for i in getattr(p, "dense_layers", [])}
+    if any(not 0 <= i < view.num_layers for i in named):
+        raise UserError(f"sparse_policy names layers {sorted(named)} but the model has {view.num_layers} layers "
+                        f"(0..{view.num_layers - 1})")
     path = ctx.out / "policy.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -211,3 +216,24 @@ def _needle(cfg: NeedleConfig, ctx: StepContext) -> StepResult:
     name = result["policies"][-1]
     metrics = {k: result[k] for k in ("lengths", "depths", "policies", "retrieval", "kv_read_fraction", "seconds")}
     return StepResult(metrics=metrics, figures={"needle": result["retrieval"][name]})
+
+
+@register("export_engine", EngineConfig, reads=("onnx",), writes="engine")
+def _export_engine(cfg: EngineConfig, ctx: StepContext) -> StepResult:
+    """TensorRT / TensorRT-RTX engine (model.plan) from the earlier ONNX export (kvconvert.export.engine)."""
+    from ..export.engine import export_engine
+
+    res = export_engine(ctx.inputs["onnx"], cfg, ctx.out, overwrite=True, progress=ctx.progress)
+    return StepResult(metrics=res.metrics, artifact=res.out,
+                      figures={"engine_bytes": res.metrics["engine"]["plan_bytes"]})
+
+
+@register("export_triton", TritonRepoConfig, reads=("onnx",), writes="triton", optional=("engine",))
+def _export_triton(cfg: TritonRepoConfig, ctx: StepContext) -> StepResult:
+    """Triton Inference Server model repository from the earlier engine, else the ONNX export
+    (kvconvert.export.triton)."""
+    from ..export.triton import export_triton
+
+    src = ctx.inputs.get("engine") or ctx.inputs["onnx"]
+    res = export_triton(src, cfg, ctx.out, overwrite=True)
+    return StepResult(metrics={**res.metrics, "from": str(src)}, artifact=Path(res.out))
