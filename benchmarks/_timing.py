@@ -5,8 +5,6 @@ from __future__ import annotations
 import statistics
 import time
 
-import torch
-
 
 def bench(fn, repeats: int = 5, warmup: int = 1, device: str = "cpu") -> float:
     """Median seconds of `fn()`."""

@@ -3,9 +3,10 @@
 Methods (all: 8 x 512 calibration tokens of builtin:pydoc-topics, eval on the first 2,048 tokens of
 builtin:gpl3 in chunks of 512, run through the real latent runtime):
   plain        plain whitened SVD, separate K/V, uniform ranks (the issue's reference method)
-  uniform      attention-weighted fit (query-aware keys, o_proj-aware values), uniform ranks
-  allocated    attention-weighted fit + sensitivity-allocated ranks (+ joint KV latent with --joint)
-  healed       allocated + KD healing (`kvconvert.convert.heal`, --heal-steps steps)
+  uniform      Fisher-weighted fit (loss-aware K/V error), uniform ranks
+  allocated    Fisher-weighted fit, separate K/V latents, ranks allocated across layers/K/V from one budget
+  joint        as allocated with one joint KV latent per layer
+  healed       joint (--heal-base) + KD healing (`kvconvert.convert.heal`, --heal-steps steps)
 Prints a markdown table, writes latent_quality.json and latent_quality.png (Pareto plot) to --out.
 
   OMP_NUM_THREADS=2 python benchmarks/latent_quality.py --out runs/latent_quality
@@ -30,9 +31,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:smollm2-135m")
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.67, 0.5, 0.33, 0.25])
-    ap.add_argument("--methods", nargs="+", default=["plain", "uniform", "allocated", "healed"])
-    ap.add_argument("--joint", action="store_true", help="allocated/healed use one joint KV latent per layer")
-    ap.add_argument("--heal-steps", type=int, default=60)
+    ap.add_argument("--methods", nargs="+", default=["plain", "uniform", "allocated", "joint", "healed"])
+    ap.add_argument("--heal-base", default="joint", help="which method's fit is healed")
+    ap.add_argument("--heal-steps", type=int, default=30)
+    ap.add_argument("--heal-seqlen", type=int, default=128)
+    ap.add_argument("--heal-batch", type=int, default=2)
+    ap.add_argument("--heal-fractions", type=float, nargs="+", default=[0.5])
     ap.add_argument("--out", type=Path, default=Path("runs/latent_quality"))
     args = ap.parse_args()
 
@@ -55,32 +59,38 @@ def main() -> None:
     eval_ids = token_stream(tok, load_text("builtin:gpl3"))
     t0 = time.perf_counter()
     stats = attention_input_grams(base, view, calib, progress=True)
+    from kvconvert.convert.latent_fisher import kv_output_fishers
+
+    fishers = kv_output_fishers(base, view, calib[:LatentConfig.model_fields["sensitivity_samples"].default], progress=True)[0]
     gram_seconds = time.perf_counter() - t0
     base_ppl = perplexity(base, eval_ids)
-    print(f"base perplexity {base_ppl:.2f}; calibration statistics {gram_seconds:.1f}s", flush=True)
+    print(f"base perplexity {base_ppl:.2f}; calibration statistics (Gram + Fisher) {gram_seconds:.1f}s", flush=True)
 
     settings = {
         "plain": dict(metric="none", allocation="uniform"),
-        "uniform": dict(metric="attention", allocation="uniform"),
-        "allocated": dict(metric="attention", allocation="sensitivity", joint_kv=args.joint),
+        "uniform": dict(metric="fisher", allocation="uniform"),
+        "allocated": dict(metric="fisher", allocation="sensitivity"),
+        "joint": dict(metric="fisher", allocation="sensitivity", joint_kv=True),
     }
     rows = []
     for frac in args.fractions:
         fits = {}
         for method in args.methods:
-            key = "allocated" if method == "healed" else method
+            key = args.heal_base if method == "healed" else method
             t1 = time.perf_counter()
             if key not in fits:
                 cfg = LatentConfig(kv_ratio=frac, evaluate=False, **settings[key])
-                fits[key] = fit_factors(base, view, cfg, calib, progress=False, stats=stats)
+                fits[key] = fit_factors(base, view, cfg, calib, progress=False, stats=stats,
+                                        fishers=fishers if cfg.metric == "fisher" else None)
             fit = fits[key]
             fit_seconds = time.perf_counter() - t1
+            if (frac >= 1.0 and rows and rows[-1]["fraction"] >= 1.0) or (
+                    method == "healed" and frac not in args.heal_fractions):
+                continue  # full rank is the input model whatever the method
             student = build_latent_model(base, view, config, fit)
             heal_seconds = 0.0
             if method == "healed":
-                if frac >= 1.0:
-                    continue
-                hcfg = HealConfig(steps=args.heal_steps)
+                hcfg = HealConfig(steps=args.heal_steps, seqlen=args.heal_seqlen, batch=args.heal_batch)
                 heal_seconds = heal(student, base, hcfg, heal_batches(tok, hcfg), progress=False)["seconds"]
             ppl = perplexity(student, eval_ids)
             row = {"fraction": frac, "method": method, "kv_fraction": round(fit.kv_fraction, 4),
@@ -97,7 +107,7 @@ def main() -> None:
 
 def table(rows, base_ppl) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fracs = list(dict.fromkeys(r["fraction"] for r in rows))
+    fracs = sorted(dict.fromkeys(r["fraction"] for r in rows), reverse=True)
     lines = ["| KV fraction | reference | " + " | ".join(methods) + " |",
              "|---|---|" + "---|" * len(methods)]
     for f in fracs:

@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import bench, efficiency, plot  # noqa: E402
+from _timing import bench, efficiency, plot
 
-from kvconvert.kernels import (  # noqa: E402
+from kvconvert.kernels import (
     dense_decode,
     dense_decode_reference,
     page_summaries,
@@ -72,7 +72,6 @@ def run(args) -> list[dict]:
                 row["dense_vs_sdpa"] = t_dense / t_sdpa
             rows.append(row)
             print(_fmt(row), flush=True)
-        del k, v
     return rows
 
 
@@ -87,7 +86,7 @@ def _fmt(r: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    ints = lambda s: [int(x) for x in s.split(",")]
     p.add_argument("--contexts", type=ints, default=[8192, 32768, 131072])
     p.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[1, 0.5, 0.25, 0.125, 0.0625])
     p.add_argument("--batch", type=int, default=1)

@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import bench, efficiency, plot  # noqa: E402
+from _timing import bench, efficiency, plot
 
-from kvconvert.kernels import (  # noqa: E402
+from kvconvert.kernels import (
     all_blocks,
     block_importance,
     block_sparse_prefill,
@@ -39,7 +39,7 @@ def run(args) -> list[dict]:
         q = torch.randn(1, args.heads, ctx, args.head_dim, device=device, dtype=dtype, generator=gen)
         k = torch.randn(1, args.kv_heads, ctx, args.head_dim, device=device, dtype=dtype, generator=gen)
         v = torch.randn(1, args.kv_heads, ctx, args.head_dim, device=device, dtype=dtype, generator=gen)
-        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,  # noqa: E731
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                         enable_gqa=True)
         if device == "cuda":
             full = all_blocks(1, args.kv_heads, ctx, ctx, args.tile, device)

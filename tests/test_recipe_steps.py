@@ -16,11 +16,15 @@ EXAMPLES = {
     "eval": {"max_tokens": 64, "chunk": 32},
     "heal": {"steps": 2, "seqlen": 32, "batch": 1},
     "mha_to_gqa": {"groups": 1, "evaluate": True, "eval": {"max_tokens": 64, "chunk": 32}},
-    "sparse_policy": {"decode": {"kind": "page_topk", "page": 16, "keep": 0.25, "dense_below": 32},
-                      "layers": {1: {"decode": {"kind": "sink_window", "sink": 4, "window": 16}}}},
-    "export_onnx": {"max_context": 64, "validate_prompt_len": 8, "validate_decode_steps": 2},
+    "sparse_policy": {"decode": {"kind": "sink_window", "sink": 4, "window": 252},
+                      "layers": {1: {"decode": {"kind": "dense"}}}},
+    "needle": {"lengths": [400], "depths": [0.5], "max_new_tokens": 4},
+    "export_onnx": {"max_context": 300, "validate_prompt_len": 8, "validate_decode_steps": 2},
+    "fit_latent": {"kv_ratio": 0.5, "allocation": "uniform", "metric": "none", "evaluate": True,
+                   "eval": {"max_tokens": 64, "chunk": 32}},
 }
-ORDER = ["eval", "mha_to_gqa", "heal", "export_onnx", "sparse_policy", "eval"]  # ONNX: no sparse export yet
+# export_onnx refuses latent checkpoints: the latent fit comes after it
+ORDER = ["eval", "mha_to_gqa", "heal", "sparse_policy", "needle", "export_onnx", "fit_latent", "eval"]
 
 
 def _recipe_text(model) -> str:
@@ -79,14 +83,26 @@ def test_chain_of_every_step_on_a_tiny_model(tiny_folder, tmp_path):
         assert rows["mha_to_gqa"]["kv_bytes_per_token"] == 2 * view.num_layers * view.head_dim * 2
         assert math.isfinite(rows["mha_to_gqa"]["perplexity"])
         assert json.loads((res.out / "02-mha_to_gqa" / "config.json").read_text())["num_key_value_heads"] == 1
-    if "sparse_policy" in STEPS:
-        read = rows["sparse_policy"]["decode_read"]
-        # layer 0: ceil(0.25 * 256 pages) = 64 pages of 16 of 4096 tokens; layer 1: 4 + 16 tokens
-        assert read == pytest.approx((64 * 16 / 4096 + 20 / 4096) / 2)
+    if "sparse_policy" in STEPS:  # layer 0 reads sink 4 + window 252 of 4096 tokens, layer 1 (dense) all
+        assert rows["sparse_policy"]["decode_read"] == pytest.approx((256 / 4096 + 1) / 2)
+    if "needle" in STEPS:
+        assert 0 <= rows["needle"]["needle"] <= 1
+        assert "05-needle/needle.png" in report["plots"]
     if "export_onnx" in STEPS:
         onnx_row = rows["export_onnx"]
         assert math.isfinite(onnx_row["export_diff"]) and onnx_row["export_diff"] < 1e-3
-        assert (res.out / onnx_row["stage"] / "model.onnx").is_file()
+        import onnx
+
+        meta = {p.key: p.value for p in onnx.load(res.out / onnx_row["stage"] / "model.onnx",
+                                                   load_external_data=False).metadata_props}
+        resolved = json.loads(meta["kvconvert"])["policy_resolved"]
+        assert resolved["decode"]["kind"] == "sink_window", "the export picked up the earlier sparse policy"
+    if "fit_latent" in STEPS:
+        lat = rows["fit_latent"]
+        assert lat["kv_bytes_per_token"] == pytest.approx(rows["mha_to_gqa"]["kv_bytes_per_token"] / 2, rel=0.1)
+        assert math.isfinite(lat["perplexity"])
+        plan = {r["step"]: r for r in plan_rows(load_recipe(path), view)}
+        assert plan["fit_latent"]["kv_bytes_per_token"] == lat["kv_bytes_per_token"]
     last = report["rows"][-1]
     assert last["step"] == "eval" and math.isfinite(last["perplexity"])
     assert len(report["pareto"]) >= 2

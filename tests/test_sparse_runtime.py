@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from tiny_models import tiny_model
 
 import kvconvert
 from kvconvert.errors import UserError
+from kvconvert.kernels import page_summaries
 from kvconvert.models import registered_model_types
 from kvconvert.runtime.sparse.state import PageSummaryCache
-from kvconvert.kernels import page_summaries
-from tiny_models import tiny_model
 
 SELECT_ALL = "page_topk:page=16,keep=1.0,dense_below=0+block_sparse_prefill:tile=64,mass=1.0,dense_below=0"
 
@@ -64,12 +64,29 @@ def test_decode_selection_uses_incremental_summaries():
 
 def test_bad_use_is_a_clear_error(ids):
     model = tiny_model("llama", 2).eval()
-    with pytest.raises(UserError, match="dense_layers"):
-        with kvconvert.sparse(model, "page_topk:dense_layers=[7]"):
-            pass
-    with pytest.raises(UserError, match="unpadded"):
-        with torch.no_grad(), kvconvert.sparse(model, "page_topk:dense_below=0"):
-            mask = torch.ones_like(ids)
-            mask[:, :3] = 0
-            model(ids, attention_mask=mask)
+    with pytest.raises(UserError, match="dense_layers"), kvconvert.sparse(model, "page_topk:dense_layers=[7]"):
+        pass
+    mask = torch.ones_like(ids)
+    mask[:, :3] = 0
+    with pytest.raises(UserError, match="unpadded"), torch.no_grad(), \
+            kvconvert.sparse(model, "page_topk:dense_below=0"):
+        model(ids, attention_mask=mask)
     assert model.config._attn_implementation != "kvconvert_sparse"
+
+
+def test_latent_model_runs_sparse(tiny_folder, tmp_path, ids):
+    """A latent-KV model (keys rebuilt from the cached latents) under sparse attention."""
+    from kvconvert.convert.latent import LatentConfig, fit_latent
+
+    calib = [torch.randint(3, 150, (1, 48), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    result = fit_latent(str(tiny_folder("llama", 2)), LatentConfig(evaluate=False, kv_ratio=0.5), tmp_path / "lat",
+                        calib=calib, progress=False)
+    model = kvconvert.load_latent(result.out).eval()
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        with kvconvert.sparse(model, SELECT_ALL):
+            got = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        with kvconvert.sparse(model, "page_topk:page=16,keep=0.25,dense_below=0") as s:
+            model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+    assert s.stats()["decode"]["kv_read_fraction"] < 0.45

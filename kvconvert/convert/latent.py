@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, model_validator
 
 from ..config import StrictConfig
@@ -122,7 +121,3 @@ def _check_input(view, cfg: LatentConfig) -> None:
     for layer in cfg.keep_full_layers:
         if not -view.num_layers <= layer < view.num_layers:
             raise UserError(f"keep_full_layers: layer {layer} does not exist ({view.num_layers} layers)")
-
-
-def _to_dtype(name: Any) -> torch.dtype:
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)

@@ -83,30 +83,36 @@ def _budget(cfg, view: AttentionView) -> tuple[int, int]:
 
 
 def fit_factors(model, view: AttentionView, cfg, batches: list[torch.Tensor], progress: bool = True,
-                stats: tuple[list[torch.Tensor], int] | None = None) -> LatentFit:
-    """Ranks and factors for every layer. `stats`: precomputed `attention_input_grams` of `batches`."""
+                stats: tuple[list[torch.Tensor], int] | None = None,
+                fishers: list[torch.Tensor] | None = None) -> LatentFit:
+    """Ranks and factors for every layer. `stats`: precomputed `attention_input_grams` of `batches`;
+    `fishers`: precomputed `kv_output_fishers` (metric="fisher")."""
     grams, tokens = stats or attention_input_grams(model, view, batches, progress=progress)
     width = view.num_kv_heads * view.head_dim
     joint_cap = min(2 * width, view.hidden_size)
     weights = [attention_weights(model, view, i) for i in range(view.num_layers)]
     rope = {"inv_freq": _inv_freq(model, view), "context": cfg.calib.seqlen}
-    fishers = [None] * view.num_layers
     damping = cfg.damping
     if cfg.metric == "fisher":
-        from .latent_fisher import kv_output_fishers
+        if fishers is None:
+            from .latent_fisher import kv_output_fishers
 
-        fishers, _ = kv_output_fishers(model, view, batches[:cfg.sensitivity_samples], progress)
+            fishers, _ = kv_output_fishers(model, view, batches[:cfg.sensitivity_samples], progress)
         damping = max(damping, 1e-2)
+    else:
+        fishers = [None] * view.num_layers
     spectra = [layer_spectra(weights[i], view, grams[i], tokens, cfg.metric, _scaling(model, view, i), damping,
                              fisher=fishers[i], **rope) for i in range(view.num_layers)]
     uniform, total = _budget(cfg, view)
     full = {i % view.num_layers for i in cfg.keep_full_layers}
-    sensitivity: list[list[float]] = []
+    measured: list[list[float]] = []
+    sensitivity: list[list[float]] = []  # per layer [K, V] exchange rate: loss per unit of weighted error
     if cfg.metric == "fisher" and cfg.allocation == "sensitivity":
         sensitivity = [[1.0, 1.0] for _ in range(view.num_layers)]  # Fisher eigenvalues are loss units already
     elif cfg.allocation == "sensitivity" and uniform < (2 * width if cfg.joint_kv else width):
         probe = [min(width - 1, max(1, round(uniform / 2))) if cfg.joint_kv else min(width - 1, uniform)] * view.num_layers
-        sensitivity = measure_sensitivity(model, view, spectra, probe, batches[:cfg.sensitivity_samples], progress)
+        measured = measure_sensitivity(model, view, spectra, probe, batches[:cfg.sensitivity_samples], progress)
+        sensitivity = measured
     if cfg.joint_kv:
         for i in range(view.num_layers):
             wk, wv = sensitivity[i] if sensitivity else (1 / max(spectra[i]["k"].eigvals.sum().item(), 1e-30),
@@ -119,7 +125,14 @@ def fit_factors(model, view: AttentionView, cfg, batches: list[torch.Tensor], pr
         widths[i] = (joint_cap, 0) if cfg.joint_kv else (width, width)
     rest = [i for i in range(view.num_layers) if i not in full]
     budget = total - sum(k + v for k, v in widths)
+    if full and budget < len(rest) * cfg.min_rank * (1 if cfg.joint_kv else 2):
+        from ..errors import UserError
+
+        raise UserError(f"keep_full_layers {sorted(full)} alone use more than the KV budget; "
+                        "raise --kv-ratio/--rank or keep fewer layers full")
     if not sensitivity:
+        if full and rest:
+            uniform = budget // (len(rest) * (1 if cfg.joint_kv else 2))
         for i in rest:
             widths[i] = (min(uniform, joint_cap), 0) if cfg.joint_kv else (uniform, uniform)
     elif cfg.joint_kv:
@@ -155,7 +168,7 @@ def fit_factors(model, view: AttentionView, cfg, batches: list[torch.Tensor], pr
         if w.q_bias is not None:
             factors[-1]["q_proj.bias"] = w.q_bias
     frac = sum(k + v for k, v in widths) / (2 * width * view.num_layers)
-    return LatentFit([tuple(map(int, w)) for w in widths], cfg.joint_kv, factors, frac, tokens, sensitivity)
+    return LatentFit([tuple(map(int, w)) for w in widths], cfg.joint_kv, factors, frac, tokens, measured)
 
 
 def latent_config_dict(config: dict[str, Any], fit: LatentFit) -> dict[str, Any]:

@@ -43,7 +43,7 @@ class NeedleConfig(StrictConfig):
 
 def build_prompt(tokenizer, length: int, depth: float, key: str) -> tuple[list[int], list[int]]:
     """(haystack ids, question ids) with len(haystack) + len(question) == length tokens."""
-    enc = lambda s: tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
+    enc = lambda s: tokenizer(s, add_special_tokens=False).input_ids
     head, needle, question, unit = enc(INSTRUCTION), enc(NEEDLE.format(key=key)), enc(QUESTION), enc(FILLER)
     body = length - len(head) - len(needle) - len(question)
     if body < len(unit):

@@ -1,7 +1,11 @@
 """Kernels: leaves that import only torch/triton. Each Triton kernel sits beside an eager reference
 with the same signature (`name` and `name_reference`); importing works without a GPU and without triton."""
 
-from .block_sparse_prefill import block_sparse_prefill, block_sparse_prefill_reference, sink_window_prefill_reference
+from .block_sparse_prefill import (
+    block_sparse_prefill,
+    block_sparse_prefill_reference,
+    sink_window_prefill_reference,
+)
 from .paged_decode import dense_decode, dense_decode_reference, paged_decode, paged_decode_reference
 from .selection import (
     BlockSelection,

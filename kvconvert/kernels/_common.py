@@ -18,7 +18,7 @@ def check_device(*tensors: torch.Tensor, name: str) -> None:
         raise RuntimeError(f"{name}: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
                            f"interpreter); use {name}_reference on CPU")
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError as exc:
         raise RuntimeError(f"{name}: triton is not installed (pip install 'kvconvert[triton]')") from exc
 

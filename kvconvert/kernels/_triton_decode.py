@@ -17,16 +17,19 @@ def _paged_decode_kernel(
     sqb, sqh, skb, skh, skt, svb, svh, svt, scb, sch, sib, sih, sob, soh,
     HKV, pages_per_split, num_splits, scale,
     G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
 ):
+    """Each iteration reads BLOCK_N // BLOCK_P selected pages as one tile of BLOCK_N slots."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // HKV
     g = bh % HKV
     rows = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)
-    toks = tl.arange(0, BLOCK_P)
+    slots = tl.arange(0, BLOCK_N)
+    which = slots // BLOCK_P
+    within = slots % BLOCK_P
     row_ok = rows < G
     dim_ok = dims < D
     q = tl.load(Q + b * sqb + (g * G + rows[:, None]) * sqh + dims[None, :],
@@ -40,10 +43,11 @@ def _paged_decode_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     kbase = K + b * skb + g * skh
     vbase = V + b * svb + g * svh
-    for r in range(start, stop):
-        page = tl.load(IDX + b * sib + g * sih + r)
-        pos = page * PAGE + toks
-        ok = (toks < PAGE) & (pos < seq_len)
+    for r in range(start, stop, BLOCK_N // BLOCK_P):
+        rank_ok = r + which < stop
+        page = tl.load(IDX + b * sib + g * sih + r + which, mask=rank_ok, other=0)
+        pos = page * PAGE + within
+        ok = rank_ok & (within < PAGE) & (pos < seq_len)
         k = tl.load(kbase + pos[:, None] * skt + dims[None, :], mask=ok[:, None] & dim_ok[None, :], other=0.0)
         v = tl.load(vbase + pos[:, None] * svt + dims[None, :], mask=ok[:, None] & dim_ok[None, :], other=0.0)
         m_i, l_i, acc = tile_update(q, k, v, ok[None, :], m_i, l_i, acc, scale, DOT_F32)
@@ -69,12 +73,12 @@ def _combine_kernel(
     rows = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for s in range(0, num_splits):
+    for s in range(num_splits):
         m = tl.maximum(m, tl.load(MP + (bh * num_splits + s) * BLOCK_G + rows))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l_tot = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for s in range(0, num_splits):
+    for s in range(num_splits):
         part = bh * num_splits + s
         w = tl.exp(tl.load(MP + part * BLOCK_G + rows) - m_safe)
         l_tot += w * tl.load(LP + part * BLOCK_G + rows)
@@ -105,7 +109,7 @@ def _check_decode(q, k_cache, v_cache):
 
 
 def paged_decode_triton(q, k_cache, v_cache, seq_lens, counts, indices, page_size: int, scale: float,
-                        num_splits: int | None = None):
+                        num_splits: int | None = None, block_n: int = 64):
     _check_decode(q, k_cache, v_cache)
     b, h, d = q.shape
     hkv, dv = k_cache.shape[1], v_cache.shape[-1]
@@ -118,7 +122,10 @@ def paged_decode_triton(q, k_cache, v_cache, seq_lens, counts, indices, page_siz
     max_pages = int(counts.max()) if counts.numel() else 0
     splits = num_splits or _default_splits(b * hkv, max_pages, q.device)
     splits = max(1, min(splits, max(max_pages, 1)))
-    pps = max(1, math.ceil(max_pages / splits))
+    bp = block(page_size)
+    bn = max(bp, block_n)
+    per_tile = bn // bp
+    pps = per_tile * max(1, math.ceil(max_pages / splits / per_tile))
     splits = max(1, math.ceil(max_pages / pps)) if max_pages else 1
     out = torch.empty_like(q)
     bg, bd = block(g), block(d)
@@ -134,7 +141,7 @@ def paged_decode_triton(q, k_cache, v_cache, seq_lens, counts, indices, page_siz
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), counts.stride(0), counts.stride(1),
         indices.stride(0), indices.stride(1), out.stride(0), out.stride(1),
         hkv, pps, splits, scale,
-        G=g, D=d, PAGE=page_size, BLOCK_G=bg, BLOCK_P=block(page_size), BLOCK_D=bd,
+        G=g, D=d, PAGE=page_size, BLOCK_G=bg, BLOCK_P=bp, BLOCK_N=bn, BLOCK_D=bd,
         SPLIT=splits > 1, DOT_F32=dot_f32(q.dtype), num_warps=num_warps(),
     )
     if splits > 1:

@@ -37,7 +37,7 @@ def _block_sparse_prefill_kernel(
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     kbase = K + b * skb + g * skh
     vbase = V + b * svb + g * svh
-    for r in range(0, count):
+    for r in range(count):
         j = tl.load(IDX + b * sib + g * sih + qb * siq + r)
         kpos = j * BLOCK + cols
         kok = kpos < SK

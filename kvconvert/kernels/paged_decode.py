@@ -25,17 +25,49 @@ def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid:
     return torch.einsum("bgrt,bgtd->bgrd", p, v.float()).reshape(b, h, v.shape[-1])
 
 
-def gather_pages(cache: torch.Tensor, indices: torch.Tensor, page_size: int) -> torch.Tensor:
+_WORKSPACE: dict = {}
+
+
+def workspace(name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A reused flat buffer (fresh multi-MB allocations cost more than the copies on CPU)."""
+    key = (name, like.dtype, like.device)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _WORKSPACE[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel]
+
+
+def gather_pages(cache: torch.Tensor, indices: torch.Tensor, page_size: int, name: str | None = None) -> torch.Tensor:
     """cache [B, Hkv, L, D], indices [B, Hkv, P] (-1 allowed) -> [B, Hkv, P*page, D].
 
-    Rows are copied with one index_select over the flattened cache (page -1 and positions >= L read
-    position 0 / L-1; callers mask them).
+    Page -1 and positions >= L read some valid position (callers mask them). A contiguous cache whose
+    capacity L is a multiple of the page copies whole pages (one index_select of page*D-element rows);
+    otherwise rows are copied token by token.
     """
     b, hkv, length, d = cache.shape
-    tok = indices.long().clamp(min=0)[..., None] * page_size + torch.arange(page_size, device=cache.device)
+    pages = indices.long().clamp(min=0)
+    if cache.is_contiguous() and length % page_size == 0:
+        n = length // page_size
+        pages = pages.clamp(max=n - 1)
+        base = (torch.arange(b * hkv, device=cache.device) * n).view(b, hkv, 1)
+        flat = (pages + base).flatten()
+        src = cache.view(b * hkv * n, page_size * d)
+        if name is None:
+            rows = src.index_select(0, flat)
+        else:
+            rows = workspace(name, flat.numel() * page_size * d, cache).view(flat.numel(), page_size * d)
+            torch.index_select(src, 0, flat, out=rows)
+        return rows.view(b, hkv, pages.shape[2] * page_size, d)
+    tok = pages[..., None] * page_size + torch.arange(page_size, device=cache.device)
     tok = tok.flatten(2).clamp(max=length - 1)
     base = (torch.arange(b * hkv, device=cache.device) * length).view(b, hkv, 1)
-    rows = cache.reshape(b * hkv * length, d).index_select(0, (tok + base).flatten())
+    flat = (tok + base).flatten()
+    src = cache.reshape(b * hkv * length, d)
+    if name is None:
+        rows = src.index_select(0, flat)
+    else:
+        rows = workspace(name, flat.numel() * d, cache).view(flat.numel(), d)
+        torch.index_select(src, 0, flat, out=rows)
     return rows.view(b, hkv, tok.shape[2], d)
 
 
@@ -44,8 +76,8 @@ def paged_decode_reference(q, k_cache, v_cache, seq_lens, counts, indices, page_
     scale = default_scale(q.shape[-1], scale)
     width = int(counts.max()) if counts.numel() else 0
     idx = indices[..., :max(width, 1)]
-    k = gather_pages(k_cache, idx, page_size)
-    v = gather_pages(v_cache, idx, page_size)
+    k = gather_pages(k_cache, idx, page_size, "paged_decode.k")
+    v = gather_pages(v_cache, idx, page_size, "paged_decode.v")
     rank = torch.arange(idx.shape[-1], device=q.device)
     page_ok = rank[None, None, :] < counts[..., None].long()
     tok = idx.long()[..., None] * page_size + torch.arange(page_size, device=q.device)

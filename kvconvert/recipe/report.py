@@ -72,7 +72,7 @@ def draw_pareto(points: list[tuple[str, int, float]], path: Path, title: str) ->
     ax.scatter([p[1] for p in points], [p[2] for p in points], color="tab:blue", zorder=3)
     front = pareto_front(points)
     ax.plot([p[1] for p in front], [p[2] for p in front], color="tab:orange", lw=1.5, zorder=2,
-            label="Pareto front")
+            drawstyle="steps-post", label="Pareto front")
     for name, kv, ppl in points:
         ax.annotate(name, (kv, ppl), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel("KV cache bytes per token")

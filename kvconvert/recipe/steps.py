@@ -25,7 +25,9 @@ import yaml
 from ..config import StrictConfig
 from ..convert.gqa import GQAConfig
 from ..convert.heal import HealConfig
+from ..convert.latent import LatentConfig
 from ..eval.evaluate import EvalConfig
+from ..eval.needle import NeedleConfig
 from ..export.onnx import OnnxExportConfig
 from ..models import AttentionView
 from ..runtime.sparse import SparsePolicy
@@ -173,3 +175,39 @@ def _export_onnx(cfg: OnnxExportConfig, ctx: StepContext) -> StepResult:
     val = res.metrics.get("validation") or {}
     return StepResult(metrics=res.metrics, artifact=res.out,
                       figures={"export_diff": val["max_abs_diff"]} if "max_abs_diff" in val else {})
+
+
+def _latent_plan(view: AttentionView, cfg: LatentConfig) -> AttentionView:
+    """Uniform widths with the same total budget fit_latent allocates (per layer ranks may differ)."""
+    width = view.num_kv_heads * view.head_dim
+    per = 2 * width if cfg.joint_kv else width
+    r = cfg.rank if cfg.rank is not None else max(1, round(cfg.kv_ratio * per))
+    widths = ((r, 0) if cfg.joint_kv else (r, r),) * view.num_layers
+    return replace(view, kv_widths=widths)
+
+
+@register("fit_latent", LatentConfig, writes="model", plan=_latent_plan)
+def _fit_latent(cfg: LatentConfig, ctx: StepContext) -> StepResult:
+    """Low-rank latent K/V fitted on calibration activations (kvconvert.convert.latent)."""
+    from ..convert.latent import fit_latent
+
+    res = fit_latent(ctx.model(), cfg, ctx.out, overwrite=True, progress=ctx.progress)
+    return StepResult(metrics=res.metrics, artifact=res.out, figures=pass_perplexity(res.metrics))
+
+
+@register("needle", NeedleConfig, optional=("policy",))
+def _needle(cfg: NeedleConfig, ctx: StepContext) -> StepResult:
+    """Passkey retrieval, dense and with the earlier sparse_policy if any; heatmap needle.png
+    (kvconvert.eval.needle, as `kvconvert eval --needle`). Figure: retrieval of the policy (else dense)."""
+    from ..eval.needle import plot_needle, run_needle
+
+    source = ctx.model()
+    model = source.load_model()
+    policies = [str(ctx.inputs["policy"])] if "policy" in ctx.inputs else []
+    result = run_needle(model, source.load_tokenizer(), cfg, policies, ctx.progress)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    plot_needle(result, ctx.out / "needle.png")
+    write_json(ctx.out / "needle.json", result)
+    name = result["policies"][-1]
+    metrics = {k: result[k] for k in ("lengths", "depths", "policies", "retrieval", "kv_read_fraction", "seconds")}
+    return StepResult(metrics=metrics, figures={"needle": result["retrieval"][name]})

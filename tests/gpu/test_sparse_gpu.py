@@ -20,8 +20,8 @@ from kvconvert.kernels import (
 )
 
 pytestmark = pytest.mark.gpu
-TOL = {torch.float16: dict(atol=3e-3, rtol=3e-3), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-       torch.float32: dict(atol=1e-4, rtol=1e-4)}
+TOL = {torch.float16: {"atol": 3e-3, "rtol": 3e-3}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
+       torch.float32: {"atol": 1e-4, "rtol": 1e-4}}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -58,8 +58,9 @@ def test_block_sparse_prefill_4k(dtype):
 
 
 def test_runtime_uses_kernels_and_select_all_equals_dense():
-    import kvconvert
     from tiny_models import tiny_model
+
+    import kvconvert
 
     model = tiny_model("llama", 2).cuda().eval()
     ids = torch.randint(3, 150, (1, 200), device="cuda")

@@ -29,7 +29,7 @@ from .state import PageSummaryCache, ReadStats
 def decode_step(q, k, v, policy, scale: float, summaries: PageSummaryCache | None, use_kernels: bool,
                 stats: ReadStats | None = None):
     """One new token per sequence: q [B, H, 1, D] -> [B, H, 1, D]."""
-    b, _, _, d = q.shape
+    b, _, _, _d = q.shape
     length = k.shape[2]
     q1 = q[:, :, 0]
     lens = torch.full((b,), length, dtype=torch.int32, device=q.device)

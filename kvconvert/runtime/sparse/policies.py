@@ -50,7 +50,7 @@ class PageTopKPolicy(StrictConfig):
     """
 
     kind: Literal["page_topk"] = "page_topk"
-    page: int = Field(16, ge=16, le=64)
+    page: int = Field(32, ge=16, le=64)
     keep: float = Field(0.25, gt=0.0, le=1.0)
     budget: int | None = Field(None, ge=1)
     sink_pages: int = Field(1, ge=0)
@@ -59,7 +59,7 @@ class PageTopKPolicy(StrictConfig):
     dense_layers: list[int] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _check(self) -> "PageTopKPolicy":
+    def _check(self) -> PageTopKPolicy:
         if self.page % 8:
             raise ValueError(f"page={self.page} must be a multiple of 8 tokens")
         if self.budget is not None and self.budget > self.dense_below:
@@ -106,13 +106,13 @@ class BlockSparsePrefillPolicy(StrictConfig):
     dense_layers: list[int] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _check(self) -> "BlockSparsePrefillPolicy":
+    def _check(self) -> BlockSparsePrefillPolicy:
         _power_of_two("tile", self.tile)
         return self
 
 
-DecodePolicy = Annotated[Union[DensePolicy, SinkWindowPolicy, PageTopKPolicy], Field(discriminator="kind")]
-PrefillPolicy = Annotated[Union[DensePolicy, SinkWindowPolicy, BlockSparsePrefillPolicy],
+DecodePolicy = Annotated[DensePolicy | SinkWindowPolicy | PageTopKPolicy, Field(discriminator="kind")]
+PrefillPolicy = Annotated[DensePolicy | SinkWindowPolicy | BlockSparsePrefillPolicy,
                           Field(discriminator="kind")]
 AnyPolicy = Union[DensePolicy, SinkWindowPolicy, PageTopKPolicy, BlockSparsePrefillPolicy]
 POLICY_CLASSES: dict[str, type[StrictConfig]] = {
@@ -128,7 +128,7 @@ class LayerPolicy(StrictConfig):
     prefill: PrefillPolicy = Field(default_factory=DensePolicy)
 
     @model_validator(mode="after")
-    def _check(self) -> "LayerPolicy":
+    def _check(self) -> LayerPolicy:
         d, p = self.decode, self.prefill
         if isinstance(d, PageTopKPolicy) and isinstance(p, BlockSparsePrefillPolicy) and p.tile % d.page:
             raise ValueError(f"page={d.page} must divide the prefill tile={p.tile} "
@@ -149,7 +149,7 @@ class SparsePolicy(StrictConfig):
     layers: dict[int, LayerOverride] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _check(self) -> "SparsePolicy":
+    def _check(self) -> SparsePolicy:
         LayerPolicy(decode=self.decode, prefill=self.prefill)
         for i in self.layers:
             self.for_layer(i)
@@ -228,7 +228,7 @@ def _from_policies(parts: list[AnyPolicy]) -> SparsePolicy:
     return SparsePolicy.parse(data, where="policy")
 
 
-def parse_policy_spec(spec: "str | Path | SparsePolicy | dict") -> SparsePolicy:
+def parse_policy_spec(spec: str | Path | SparsePolicy | dict) -> SparsePolicy:
     """`SparsePolicy` from `page_topk:page=16,keep=0.25`, `a+b`, a YAML file path, a dict or a policy.
 
     A single policy name sets the phase it belongs to: `page_topk` -> decode, `block_sparse_prefill`
