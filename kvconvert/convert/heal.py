@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -107,8 +107,10 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def heal(student: torch.nn.Module, teacher: torch.nn.Module, cfg: HealConfig, calib: CalibrationData | None = None,
-         progress: bool = True) -> dict[str, Any]:
+         progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Distil `teacher` into `student` in place for `cfg.steps` AdamW steps.
+
+    `on_step(step, loss)` is called after each step (1-based), e.g. to evaluate at milestones.
 
     `calib`: token ids, an iterable of LongTensor[1, S] (or a callable returning one), e.g. from
     `heal_batches(tokenizer, cfg)`; cycled when shorter than `steps * batch`.
@@ -161,6 +163,8 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, cfg: HealConfig, ca
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if on_step is not None:
+                on_step(len(losses), losses[-1])
     finally:
         for n, p in student.named_parameters():
             p.requires_grad_(flags[n])

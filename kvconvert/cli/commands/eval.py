@@ -18,10 +18,63 @@ def register(sub, common) -> None:
     p.add_argument("--chunk", type=int, default=None, help="tokens per independently scored chunk (512)")
     p.add_argument("--kv-dtype", default=None, choices=["fp32", "fp16", "bf16", "fp8"])
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    g = p.add_argument_group("needle in a haystack (sparse attention)")
+    g.add_argument("--needle", action="store_true",
+                   help="passkey retrieval at several lengths/depths, dense and each --policy (instead of perplexity)")
+    g.add_argument("--policy", action="append", default=[], metavar="SPEC",
+                   help="sparse policy, e.g. page_topk:page=16,keep=0.25 or sink_window:sink=4,window=256, "
+                        "or a YAML file (repeatable)")
+    g.add_argument("--lengths", default=None, help="comma-separated prompt lengths in tokens (1024,2048,4096)")
+    g.add_argument("--depths", default=None, help="comma-separated needle depths in [0,1] (0.1,0.3,0.5,0.7,0.9)")
+    g.add_argument("--trials", type=int, default=None, help="passkeys per cell (1)")
+    g.add_argument("--plot", default="needle.png", metavar="PNG", help="heatmap path (needle.png)")
     p.set_defaults(func=run)
 
 
+def _numbers(text, cast, flag):
+    from ...errors import UserError
+
+    if text is None:
+        return None
+    try:
+        return [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated numbers, got '{text}'") from None
+
+
+def run_needle_command(args) -> int:
+    from ...eval.needle import NeedleConfig, format_needle, plot_needle, run_needle
+    from ...io import provenance
+
+    cfg = NeedleConfig().merged({"lengths": _numbers(args.lengths, int, "--lengths"),
+                                 "depths": _numbers(args.depths, float, "--depths"), "trials": args.trials})
+    source = open_source(args)
+    progress = not getattr(args, "quiet", False)
+    model = source.load_model()
+    result = run_needle(model, source.load_tokenizer(), cfg, args.policy, progress)
+    result["model"] = source.spec
+    if args.plot:
+        result["plot"] = str(plot_needle(result, args.plot))
+    if source.kind == "folder":
+        provenance.update_metrics(source.path, {"needle": {k: result[k] for k in
+                                                           ("lengths", "depths", "scores", "retrieval",
+                                                            "kv_read_fraction", "specs")}})
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_needle(result))
+        if args.plot:
+            print(f"heatmap: {result['plot']}")
+    return 0
+
+
 def run(args) -> int:
+    if args.needle:
+        return run_needle_command(args)
+    if args.policy:
+        from ...errors import UserError
+
+        raise UserError("--policy applies to --needle; add --needle")
     from ...eval.evaluate import EvalConfig, evaluate_source, format_eval
     from ...io import provenance, resolve_source
 

@@ -1,0 +1,113 @@
+"""A traceable decoder step: the stock transformers model with its attention routed to KVAttention.
+
+Embeddings, norms, MLPs, projections, biases, qk-norm and RoPE stay the model's own modules (so every
+registered architecture exports the same way); only the attention function is swapped, through
+transformers' `AttentionInterface`, for one that reads/writes explicit fixed-capacity cache buffers.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import UserError
+from ...models import AttentionView
+from .attention_op import kv_attention, node_attributes
+
+ATTN_IMPLEMENTATION = "kvconvert_onnx"
+_ACTIVE: list[DecoderStep] = []
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+               softcap=None, **kwargs):
+    """transformers attention-function signature; returns (output [B, S, H, Dv], None)."""
+    if not _ACTIVE:
+        raise RuntimeError(f"the '{ATTN_IMPLEMENTATION}' attention only runs inside DecoderStep.forward")
+    step = _ACTIVE[-1]
+    layer = step.layer_of[id(module)]
+    attrs = step.layer_attributes(layer, query, scaling, sliding_window, softcap)
+    out, present_key, present_value = kv_attention(query, key, value, step._past[2 * layer],
+                                                   step._past[2 * layer + 1], step._cache_length, attrs)
+    step._presents[layer] = (present_key, present_value)
+    return out, None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    if ATTN_IMPLEMENTATION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
+
+
+@contextmanager
+def attention_implementation(model: nn.Module, name: str):
+    """Temporarily set `config._attn_implementation` on every config the model's modules hold."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and hasattr(c, "_attn_implementation")}
+    saved = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = name
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = saved[k]
+
+
+class DecoderStep(nn.Module):
+    """forward(input_ids [B,S], position_ids [B,S], cache_length [B], past_key_0, past_value_0, ...)
+    -> (logits [B,S|1,V], present_key_0, present_value_0, ...)."""
+
+    def __init__(self, model: nn.Module, view: AttentionView, *, logits: str = "all",
+                 policy_attributes: list[dict[str, Any]] | None = None):
+        super().__init__()
+        _register()
+        self.model = model
+        self.view = view
+        self.logits_to_keep = 1 if logits == "last" else 0
+        self.policy_attributes = policy_attributes or [{} for _ in range(view.num_layers)]
+        self.layer_of: dict[int, int] = {}
+        for i in range(view.num_layers):
+            try:
+                self.layer_of[id(model.get_submodule(view.layer_prefix(i)))] = i
+            except AttributeError:
+                raise UserError(f"{view.model_type}: attention module '{view.layer_prefix(i)}' not found; "
+                                "is the architecture adapter's attn_prefix right?") from None
+        self.attributes: list[dict[str, Any] | None] = [None] * view.num_layers
+        self._past: tuple[torch.Tensor, ...] = ()
+        self._cache_length: torch.Tensor | None = None
+        self._presents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.eval()
+
+    def layer_attributes(self, layer: int, query: torch.Tensor, scaling, sliding_window, softcap) -> dict[str, Any]:
+        num_heads, head_dim = query.shape[1], query.shape[3]
+        policy = self.policy_attributes[layer]
+        if softcap or sliding_window:  # as kvconvert.sparse: such layers keep the model's own attention
+            policy = {"kind": policy["kind"]} if policy else {}
+        attrs = node_attributes(num_heads=num_heads, num_kv_heads=self._past[2 * layer].shape[1],
+                                head_dim=head_dim, scale=head_dim ** -0.5 if scaling is None else float(scaling),
+                                softcap=softcap or 0.0, sliding_window=sliding_window or 0, layer=layer,
+                                policy=policy)
+        self.attributes[layer] = attrs
+        return attrs
+
+    def forward(self, input_ids, position_ids, cache_length, *past):
+        if len(past) != 2 * self.view.num_layers:
+            raise ValueError(f"expected {2 * self.view.num_layers} cache buffers, got {len(past)}")
+        self._past, self._cache_length, self._presents = past, cache_length, {}
+        _ACTIVE.append(self)
+        try:
+            with attention_implementation(self.model, ATTN_IMPLEMENTATION):
+                out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                 logits_to_keep=self.logits_to_keep)
+        finally:
+            _ACTIVE.pop()
+            self._past, self._cache_length = (), None
+        presents = []
+        for i in range(self.view.num_layers):
+            presents.extend(self._presents[i])
+        self._presents = {}
+        return (out.logits, *presents)

@@ -1,0 +1,42 @@
+"""Triton pieces shared by the kernels: the online-softmax tile update and launch helpers."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting, next_pow2
+
+
+@triton.jit
+def tile_update(q, k, v, valid, m_i, l_i, acc, scale, DOT_F32: tl.constexpr):
+    """One flash-attention step: q [M, D], k/v [N, D], valid [M, N] -> new (m [M], l [M], acc [M, D] fp32)."""
+    if DOT_F32:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(valid, s * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_F32:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+def dot_f32(dtype: torch.dtype) -> bool:
+    """fp32 inputs (and every input under the interpreter) use exact fp32 dots; fp16/bf16 use native dots."""
+    return interpreting() or dtype == torch.float32
+
+
+def block(n: int, minimum: int = 16) -> int:
+    return max(minimum, next_pow2(n))
+
+
+def num_warps(default: int = 4) -> int:
+    return 1 if interpreting() else default
