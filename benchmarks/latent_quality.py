@@ -38,7 +38,13 @@ def main() -> None:
     ap.add_argument("--heal-batch", type=int, default=2)
     ap.add_argument("--heal-fractions", type=float, nargs="+", default=[0.5])
     ap.add_argument("--out", type=Path, default=Path("runs/latent_quality"))
+    ap.add_argument("--replot", type=Path, metavar="JSON", help="only redraw table + PNG from a results JSON")
     args = ap.parse_args()
+    if args.replot:
+        data = json.loads(args.replot.read_text())
+        print(table(data["rows"], data["base_perplexity"]))
+        plot(data["rows"], data["base_perplexity"], args.replot.with_suffix(".png"))
+        return
 
     from kvconvert.convert.activations import attention_input_grams
     from kvconvert.convert.heal import HealConfig, heal, heal_batches

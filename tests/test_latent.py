@@ -154,3 +154,32 @@ def test_smollm2_full_rank_reproduces_logits(smollm2_source, smollm2_model, tmp_
     latent = kvconvert.load_latent(result.out)
     ids = torch.randint(100, 20000, (1, 40))
     torch.testing.assert_close(latent(ids).logits, smollm2_model(ids).logits, rtol=1e-3, atol=2e-3)
+
+
+def test_fisher_equals_outer_products_of_plain_autograd_gradients():
+    """kv_output_fishers (hooked leaves, no parameter grads) == sum g g^T / N from ordinary retain_grad."""
+    from kvconvert.convert.latent_fisher import kv_output_fishers
+
+    model = tiny_model("qwen2")
+    view = describe(model.config)
+    ids = torch.randint(3, 150, (1, 24))
+    fishers, n = kv_output_fishers(model, view, [ids], progress=False)
+    outs = {}
+
+    def keep(key):
+        def fn(module, args, out):
+            out.retain_grad()
+            outs[key] = out
+        return fn
+
+    attn = [model.model.layers[i].self_attn for i in range(view.num_layers)]
+    handles = [a.k_proj.register_forward_hook(keep((i, "k"))) for i, a in enumerate(attn)]
+    handles += [a.v_proj.register_forward_hook(keep((i, "v"))) for i, a in enumerate(attn)]
+    logits = model(ids, use_cache=False).logits[0, :-1]
+    torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").backward()
+    for h in handles:
+        h.remove()
+    assert n == 23
+    for i in range(view.num_layers):
+        g = torch.cat([outs[(i, "k")].grad, outs[(i, "v")].grad], dim=-1)[0].double()
+        torch.testing.assert_close(fishers[i], g.T @ g / n)

@@ -4,7 +4,8 @@ F_l = (1/N) sum_t g_t g_t^T with g_t = d(total next-token NLL)/d[k_t; v_t] at la
 projection outputs, Tensor[2 * kv_width]). For an error e_t on those outputs the loss grows by about
 (N/2) E[e^T F e], so a PCA weighted by F minimises the loss increase itself and its eigenvalues are in loss
 units for every layer, K and V alike: one global budget can be allocated by them without probing.
-One forward + backward per calibration sequence; parameters get no gradients (the hooked outputs are leaves).
+One forward + backward per calibration sequence; parameters get no gradients (only the embedding output is
+made to require grad, so every path from a K/V output to the loss is differentiated).
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ def kv_output_fishers(model, view: AttentionView, batches: Iterable[torch.Tensor
 
     def hook(layer: int, part: str):
         def fn(module, args, out):
-            out = out.detach().requires_grad_(True)
             out.register_hook(lambda g: grads.__setitem__((layer, part), g.detach()))
-            return out
         return fn
 
+    def embeddings_require_grad(module, args, out):
+        return out.detach().requires_grad_(True)
+
+    handles.append(model.get_input_embeddings().register_forward_hook(embeddings_require_grad))
     for layer in range(view.num_layers):
         for module, part in _kv_modules(model, view, layer):
             handles.append(module.register_forward_hook(hook(layer, part)))
