@@ -76,9 +76,12 @@ class Spectrum:
     unlift: torch.Tensor    # L^-T   [width, width]    (up = unlift U_r)
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down [rank, hidden], up [width, rank])."""
+        """(down [rank, hidden], up [width, rank]); each latent component scaled so that its down row and up
+        column have equal norms (same product, well-conditioned for low-precision storage and healing)."""
         u = self.eigvecs[:, :rank]
-        return u.T @ self.lift, self.unlift @ u
+        down, up = u.T @ self.lift, self.unlift @ u
+        scale = (up.norm(dim=0).clamp_min(1e-30) / down.norm(dim=1).clamp_min(1e-30)).sqrt()
+        return down * scale[:, None], up / scale[None, :]
 
     def residual(self, rank: int) -> float:
         return float(self.eigvals[rank:].clamp_min(0).sum())
