@@ -22,8 +22,9 @@ def register(sub, common) -> None:
     p.add_argument("--joint-kv", action="store_true", default=None, help="one latent per layer for both K and V")
     p.add_argument("--allocation", choices=["uniform", "sensitivity"], default=None,
                    help="how ranks are spread across layers (sensitivity)")
-    p.add_argument("--metric", choices=["attention", "none"], default=None,
-                   help="error the fit minimises: attention-logit/output weighted (attention) or plain K/V (none)")
+    p.add_argument("--metric", choices=["fisher", "attention", "none"], default=None,
+                   help="error the fit minimises: loss-weighted per layer (fisher, default), attention-logit/"
+                        "output weighted (attention) or plain K/V (none)")
     p.add_argument("--keep-full-layers", type=int, nargs="+", default=None, metavar="L",
                    help="layers kept at full width (negative counts from the end, e.g. 0 -1)")
     add_output_flags(p)
