@@ -32,3 +32,36 @@ def open_source(args: argparse.Namespace):
 
     return resolve_source(args.model, allow_pickle=getattr(args, "allow_pickle", False),
                           trust_remote_code=getattr(args, "trust_remote_code", False))
+
+
+def add_heal_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heal-steps", type=int, default=None, metavar="N", help="KD healing steps (0)")
+    p.add_argument("--heal-lr", type=float, default=None, help="healing AdamW learning rate")
+    p.add_argument("--heal-seqlen", type=int, default=None, help="tokens per healing sequence")
+    p.add_argument("--heal-batch", type=int, default=None, help="sequences per healing step")
+    p.add_argument("--heal-trainable", choices=["attention", "all"], default=None,
+                   help="which parameters healing trains (attention)")
+
+
+def add_eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity measurement")
+    p.add_argument("--eval-text", default=None, help="held-out evaluation text (builtin:gpl3)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def pass_fields(args: argparse.Namespace) -> dict:
+    """The calibration, healing, output and evaluation fields every calibrated pass config shares.
+
+    Flags left unset are omitted so the config's defaults (or a recipe's values) stay in force.
+    """
+    calib = {k: v for k, v in {"source": args.calib, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
+                                "seed": args.seed}.items() if v is not None}
+    heal = {k: v for k, v in {"steps": args.heal_steps, "lr": args.heal_lr, "seqlen": args.heal_seqlen,
+                               "batch": args.heal_batch, "trainable": args.heal_trainable,
+                               "seed": args.seed}.items() if v is not None}
+    if args.calib:
+        heal["calib"] = {"source": args.calib}
+    fields = {"calib": calib, "heal": heal, "max_shard_size": args.max_shard_size,
+              "evaluate": False if args.no_eval else None,
+              "eval": {"text": args.eval_text} if args.eval_text else None}
+    return {k: v for k, v in fields.items() if v is not None}

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import json
 
-from ..options import add_calib_flags, add_output_flags, add_source_flags, open_source
+from ..options import (
+    add_calib_flags,
+    add_eval_flags,
+    add_heal_flags,
+    add_output_flags,
+    add_source_flags,
+    open_source,
+    pass_fields,
+)
 
 
 def register(sub, common) -> None:
@@ -21,31 +29,15 @@ def register(sub, common) -> None:
                    help="calibrated only: which KV heads share a group (similarity: permute query heads)")
     add_output_flags(p)
     add_calib_flags(p)
-    p.add_argument("--heal-steps", type=int, default=None, metavar="N", help="KD healing steps (0)")
-    p.add_argument("--heal-lr", type=float, default=None, help="healing AdamW learning rate")
-    p.add_argument("--heal-seqlen", type=int, default=None, help="tokens per healing sequence")
-    p.add_argument("--heal-batch", type=int, default=None, help="sequences per healing step")
-    p.add_argument("--heal-trainable", choices=["attention", "all"], default=None,
-                   help="which parameters healing trains (attention)")
-    p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity measurement")
-    p.add_argument("--eval-text", default=None, help="held-out evaluation text (builtin:gpl3)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_heal_flags(p)
+    add_eval_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ...convert.gqa import GQAConfig, mha_to_gqa
 
-    calib = {k: v for k, v in {"source": args.calib, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
-                                "seed": args.seed}.items() if v is not None}
-    heal = {k: v for k, v in {"steps": args.heal_steps, "lr": args.heal_lr, "seqlen": args.heal_seqlen,
-                               "batch": args.heal_batch, "trainable": args.heal_trainable,
-                               "seed": args.seed}.items() if v is not None}
-    if args.calib:
-        heal["calib"] = {"source": args.calib}
-    flags = {"groups": args.groups, "method": args.method, "grouping": args.grouping, "calib": calib, "heal": heal,
-             "max_shard_size": args.max_shard_size, "evaluate": False if args.no_eval else None,
-             "eval": {"text": args.eval_text} if args.eval_text else None}
+    flags = {"groups": args.groups, "method": args.method, "grouping": args.grouping, **pass_fields(args)}
     cfg = GQAConfig.parse({k: v for k, v in flags.items() if v is not None})
     source = open_source(args)
     result = mha_to_gqa(source, cfg, args.out, overwrite=args.overwrite, progress=not getattr(args, "quiet", False))
