@@ -72,6 +72,15 @@ def smollm2_model(smollm2_source):
 
 
 @pytest.fixture(scope="session")
+def smollm2_onnx(smollm2_source, tmp_path_factory):
+    """SmolLM2-135M exported once per session (fp32, dense, 96-token cache buffers): a PassResult."""
+    from kvconvert.export.onnx import OnnxExportConfig, export_onnx
+
+    return export_onnx(smollm2_source, OnnxExportConfig(max_context=96, validate=False),
+                       tmp_path_factory.mktemp("onnx") / "smollm2", progress=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_tok():
     return tiny_tokenizer()
 

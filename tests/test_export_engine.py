@@ -59,6 +59,23 @@ def test_rtx_engine_builds_with_plugin_and_stamps(request, tmp_path, which):
 
 
 @needs_rtx
+@needs_rtx
+@pytest.mark.smollm2
+@pytest.mark.slow
+def test_rtx_engine_builds_for_smollm2(smollm2_onnx, tmp_path):
+    """The real model's exported graph: every layer's KVAttention bound to the plugin, cache aliased in place."""
+    from kvconvert.export.engine import EngineConfig, export_engine
+
+    res = export_engine(smollm2_onnx.out, EngineConfig(max_batch=1, opt_prefill=16, max_prefill=64),
+                        tmp_path / "eng")
+    eng = json.loads((tmp_path / "eng" / "kvconvert.json").read_text())["engine"]
+    assert (tmp_path / "eng" / "model.plan").stat().st_size == res.metrics["engine"]["plan_bytes"] > 1_000_000
+    assert all(eng["aliases"][f"present_key_{i}"] == f"past_key_{i}" for i in range(30))
+    assert all(eng["aliases"][f"present_value_{i}"] == f"past_value_{i}" for i in range(30))
+    ins, outs = _onnx_io(smollm2_onnx.out)
+    assert {t["name"] for t in eng["io"]["inputs"]} == ins and {t["name"] for t in eng["io"]["outputs"]} == outs
+
+
 def test_plugin_receives_the_node_attributes(tiny_onnx_sparse, tmp_path, monkeypatch):
     import onnx
 
