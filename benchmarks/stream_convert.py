@@ -89,6 +89,7 @@ def make_checkpoint(folder: Path, size_gb: float, shard_mb: int, heads: int = 16
 
 def run(code: str, *args: str) -> list[float]:
     env = {**os.environ, "TQDM_DISABLE": "1"}
+    os.sync()  # every job starts with no dirty pages left by the previous one (else writeback throttles it)
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])

@@ -114,3 +114,38 @@ def test_hub_id_offline_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="could not fetch 'nobody-xyz/no-such-model'"):
         resolve_source("nobody-xyz/no-such-model")
+
+
+def test_writer_serializes_every_dtype_and_copies_slices_exactly(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from kvconvert.io.safetensors_check import read_header
+    from kvconvert.io.writer import FileSlice
+
+    src = {"a": torch.randn(3, 5, dtype=torch.bfloat16), "b": torch.arange(7, dtype=torch.int64),
+           "c": torch.tensor(2.5), "d": torch.zeros(0, 4), "e": torch.randn(4, 4, dtype=torch.float16)}
+    save_file(src, str(tmp_path / "src.safetensors"))
+    header = read_header(tmp_path / "src.safetensors")
+    import struct
+
+    data_start = 8 + struct.unpack("<Q", (tmp_path / "src.safetensors").read_bytes()[:8])[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = ShardedWriter(out, max_shard_bytes=40)
+    for name in ("a", "c", "d"):
+        writer.add(name, src[name])
+    for name in ("b", "e"):
+        info = header[name]
+        start, stop = info["data_offsets"]
+        writer.add_slice(name, FileSlice(tmp_path / "src.safetensors", data_start + start, stop - start,
+                                         info["dtype"], info["shape"]))
+    files = writer.finish()
+    assert len(files) > 1
+    got = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            got.update({k: sf.get_tensor(k) for k in sf.keys()})
+    assert got.keys() == src.keys()
+    for k, v in src.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k

@@ -127,6 +127,8 @@ def mha_to_gqa(model, cfg: GQAConfig, out, *, overwrite: bool = False, calib: Ca
 
             def convert(name: str, t: torch.Tensor) -> torch.Tensor:
                 return mean_pool_tensor(view, roles[name][1], t, cfg.groups) if name in roles else t
+
+            changed = roles.__contains__
         else:
             teacher = source.load_model()
             if cfg.method == "calibrated":
@@ -147,7 +149,9 @@ def mha_to_gqa(model, cfg: GQAConfig, out, *, overwrite: bool = False, calib: Ca
             def convert(name: str, t: torch.Tensor) -> torch.Tensor:
                 return replacements[name].to(t.dtype) if name in replacements else t
 
-        written = write_converted(source, tmp, convert, max_shard, progress)
+            changed = replacements.__contains__
+
+        written = write_converted(source, tmp, convert, max_shard, progress, changes=changed)
         copy_side_files(source.path, tmp, skip=("config.json",))
         write_json(tmp / "config.json", new_config)
         metrics["bytes_written"] = written["bytes_written"]

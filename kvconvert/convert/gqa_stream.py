@@ -1,7 +1,8 @@
 """Write a converted checkpoint tensor by tensor: read one source tensor, convert it, hand it to the writer.
 
-Peak memory is about one output shard (what `ShardedWriter` holds) plus the tensor being converted,
-whatever the model size.
+Tensors the conversion leaves alone are not decoded at all: their bytes are copied file to file
+(`ShardedWriter.add_slice`). Peak memory is about one output shard of converted tensors plus the tensor
+being converted, whatever the model size.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..io import ModelSource, ShardedWriter
+from ..io.safetensors_check import read_header
+from ..io.writer import FileSlice
 
 
 def iter_source_tensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
@@ -30,17 +33,40 @@ def iter_source_tensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor
 
 
 def write_converted(source: ModelSource, folder: Path, convert: Callable[[str, torch.Tensor], torch.Tensor],
-                    max_shard_bytes: int, progress: bool = True, desc: str = "writing") -> dict:
+                    max_shard_bytes: int, progress: bool = True, desc: str = "writing",
+                    changes: Callable[[str], bool] | None = None) -> dict:
     """Stream every tensor of `source` through `convert(name, tensor)` into sharded safetensors in `folder`.
 
+    `changes(name)` says which tensors `convert` may change (None: all); the others are copied as bytes.
     Returns {"files": [...], "bytes_written": n, "tensors": n}.
     """
-    shapes = source.reader().shapes()
+    reader = source.reader()
     writer = ShardedWriter(folder, max_shard_bytes, metadata={"kvconvert": "mha_to_gqa"})
+    bar = tqdm(total=len(reader.shapes()), desc=desc, disable=not progress, leave=False)
     count = 0
-    for name, tensor in tqdm(iter_source_tensors(source), total=len(shapes), desc=desc, disable=not progress,
-                             leave=False):
-        writer.add(name, convert(name, tensor))
-        count += 1
+    if reader.format == "safetensors" and changes is not None:
+        from safetensors import safe_open
+
+        for f in reader.files:
+            header = read_header(f)
+            with open(f, "rb") as fh:
+                data_start = 8 + int.from_bytes(fh.read(8), "little")
+            with safe_open(str(f), framework="pt") as sf:
+                for name in sf.keys():
+                    if changes(name):
+                        writer.add(name, convert(name, sf.get_tensor(name)))
+                    else:
+                        info = header[name]
+                        start, stop = info["data_offsets"]
+                        writer.add_slice(name, FileSlice(f, data_start + start, stop - start, info["dtype"],
+                                                         info["shape"]))
+                    count += 1
+                    bar.update()
+    else:
+        for name, tensor in iter_source_tensors(source):
+            writer.add(name, convert(name, tensor))
+            count += 1
+            bar.update()
+    bar.close()
     files = writer.finish()
     return {"files": [f.name for f in files], "bytes_written": writer.total_bytes, "tensors": count}

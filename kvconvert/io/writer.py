@@ -1,13 +1,15 @@
-"""Sharded safetensors writer: holds at most one shard in memory, writes an HF index."""
+"""Sharded safetensors writer: holds at most one shard of new tensors in memory, writes an HF index."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .sources import SIDE_FILES
 
@@ -25,29 +27,54 @@ def parse_size(text: str | int) -> int:
     return int(s)
 
 
+_ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """A tensor's bytes inside an existing safetensors file, copied to the output without being decoded."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: list[int]
+
+
 class ShardedWriter:
-    """`add()` tensors in checkpoint order, then `finish()`.
+    """`add()` tensors (or `add_slice()` unchanged ones) in checkpoint order, then `finish()`.
 
     Shards are named `model-0000i-of-0000N.safetensors` (or `model.safetensors` when one suffices) with a
-    `model.safetensors.index.json` weight map, as transformers expects.
+    `model.safetensors.index.json` weight map, as transformers expects. Only added tensors are held in
+    memory (at most one shard's worth); slices are copied file to file by the kernel (`os.copy_file_range`).
     """
 
     def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata: dict | None = None):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
-        self._pending: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, torch.Tensor | FileSlice] = {}
         self._pending_bytes = 0
         self._written: list[tuple[Path, list[str]]] = []
+        self._names: set[str] = set()
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in names for _, names in self._written):
+        tensor = tensor.detach().contiguous()
+        self._append(name, tensor, tensor.numel() * tensor.element_size())
+
+    def add_slice(self, name: str, piece: FileSlice) -> None:
+        self._append(name, piece, piece.nbytes)
+
+    def _append(self, name: str, item: torch.Tensor | FileSlice, nbytes: int) -> None:
+        if name in self._names:
             raise ValueError(f"tensor '{name}' written twice")
-        nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.detach().contiguous()
+        self._names.add(name)
+        self._pending[name] = item
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
 
@@ -55,7 +82,7 @@ class ShardedWriter:
         if not self._pending:
             return
         path = self.folder / f"shard-{len(self._written):05d}.tmp"
-        save_file(self._pending, str(path), metadata=self.metadata)
+        _write_safetensors(path, self._pending, self.metadata)
         self._written.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
@@ -75,6 +102,58 @@ class ShardedWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         return finals
+
+
+def _write_safetensors(path: Path, items: dict[str, torch.Tensor | FileSlice], metadata: dict[str, str]) -> None:
+    """The safetensors format: u64 header length, JSON header (space-padded to 8 bytes), then the data."""
+    header: dict = {"__metadata__": {k: str(v) for k, v in metadata.items()}}
+    offset = 0
+    for name, item in items.items():
+        if isinstance(item, FileSlice):
+            dtype, shape, nbytes = item.dtype, list(item.shape), item.nbytes
+        else:
+            dtype, shape, nbytes = _ST_DTYPE[item.dtype], list(item.shape), item.numel() * item.element_size()
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb", buffering=0) as out:
+        _write_all(out, struct.pack("<Q", len(raw)) + raw)
+        for item in items.values():
+            if isinstance(item, FileSlice):
+                _copy_range(item.path, item.offset, item.nbytes, out)
+            elif item.numel():
+                _write_all(out, memoryview(item.reshape(-1).view(torch.uint8).numpy()))
+
+
+def _write_all(out, data) -> None:
+    """Unbuffered writes may be partial (Linux caps one write at ~2 GiB)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = out.write(view)
+        view = view[n:]
+
+
+def _copy_range(src: Path, offset: int, nbytes: int, out) -> None:
+    with open(src, "rb") as f:
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < nbytes:
+                    n = os.copy_file_range(f.fileno(), out.fileno(), nbytes - done, offset + done)
+                    if n == 0:
+                        raise OSError(f"{src} ended early")
+                    done += n
+                return
+            except OSError:
+                pass  # e.g. across file systems that refuse it: copy the rest through user space
+        f.seek(offset + done)
+        while done < nbytes:
+            chunk = f.read(min(64 * 2**20, nbytes - done))
+            if not chunk:
+                raise OSError(f"{src} ended early")
+            _write_all(out, chunk)
+            done += len(chunk)
 
 
 def copy_side_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
