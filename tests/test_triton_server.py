@@ -7,20 +7,21 @@ import threading
 import numpy as np
 import pytest
 
-from kvconvert.errors import UserError
+from kvconvert.export.triton.server import configured_server_python
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None,
-                                reason="tritonclient[grpc] not installed (pip install 'kvconvert[serve]')")
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None,
+                       reason="tritonclient[grpc] not installed (pip install 'kvconvert[serve]')"),
+    pytest.mark.skipif(not configured_server_python().exists(),
+                       reason=f"no CPU tritonserver environment at {configured_server_python()}; "
+                              "run `bash scripts/install.sh dev` (creates .venv-tritonserver)"),
+]
 
 
 def start_server(repo):
     from kvconvert.export.triton.server import TritonServer
 
-    try:
-        server = TritonServer(repo)
-    except UserError as exc:
-        pytest.skip(f"no CPU tritonserver: {exc}")
-    return server.start()
+    return TritonServer(repo).start()
 
 
 def stream_generate(url, inputs: dict, request_id="1"):

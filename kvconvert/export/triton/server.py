@@ -31,8 +31,13 @@ _PROBE = ("import json, os, sys, sysconfig, pytriton; print(json.dumps({'pytrito
           "'purelib': sysconfig.get_paths()['purelib'], 'home': os.path.dirname(os.path.realpath(sys._base_executable)), 'bin': os.path.dirname(sys.executable)}))")
 
 
+def configured_server_python() -> Path:
+    """The interpreter of the tritonserver environment ($KVCONVERT_TRITONSERVER_PYTHON or .venv-tritonserver)."""
+    return Path(os.environ.get(ENV_VAR) or DEFAULT_VENV / "bin" / "python")
+
+
 def server_python() -> Path:
-    py = Path(os.environ.get(ENV_VAR) or DEFAULT_VENV / "bin" / "python")
+    py = configured_server_python()
     if not py.exists():
         raise UserError(f"no tritonserver environment at {py}; run `bash scripts/install.sh dev` (it creates "
                         f".venv-tritonserver with nvidia-pytriton and numpy<2) or set {ENV_VAR}")
