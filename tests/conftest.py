@@ -8,14 +8,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Triton's C++ side reads TRITON_INTERPRET once per process, so a test module that sets it at import time is
-# too late once anything has touched triton; set it for CPU-only sessions before any test module is imported.
-if "TRITON_INTERPRET" not in os.environ:
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-
 import torch
 
 if not torch.cuda.is_available():
