@@ -13,6 +13,18 @@ import torch
 from ._common import check_device, default_scale
 
 
+def _grouped_masked_attention(q_rows, k_sel, v_sel, visible, scale: float, out_dtype):
+    """fp32 softmax attention of a query group over gathered keys.
+
+    q_rows [B, Hkv, G, R, D], k_sel/v_sel [B, Hkv, T, D], `visible` broadcastable to [B, Hkv, 1, R, T]
+    -> [B, Hkv*G, R, Dv] in `out_dtype`; rows that see nothing give 0.
+    """
+    b, hkv, g, r, _ = q_rows.shape
+    s = torch.einsum("bgrqd,bgtd->bgrqt", q_rows.float(), k_sel.float()) * scale
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
+    return torch.einsum("bgrqt,bgtd->bgrqd", p, v_sel.float()).reshape(b, hkv * g, r, -1).to(out_dtype)
+
+
 def block_sparse_prefill_reference(q, k, v, counts, indices, block_size: int, scale=None):
     """Eager reference: per query block, gather the selected key blocks of its KV head."""
     b, h, sq, d = q.shape
@@ -29,17 +41,14 @@ def block_sparse_prefill_reference(q, k, v, counts, indices, block_size: int, sc
         idx = indices[:, :, i, :width].long()
         tok = (idx.clamp(min=0)[..., None] * block_size + arange_blk).flatten(2)
         tok_c = tok.clamp(max=sk - 1)
-        kk = torch.gather(k, 2, tok_c[..., None].expand(b, hkv, tok.shape[2], d)).float()
-        vv = torch.gather(v, 2, tok_c[..., None].expand(b, hkv, tok.shape[2], v.shape[-1])).float()
+        kk = torch.gather(k, 2, tok_c[..., None].expand(b, hkv, tok.shape[2], d))
+        vv = torch.gather(v, 2, tok_c[..., None].expand(b, hkv, tok.shape[2], v.shape[-1]))
         blk_ok = (torch.arange(width, device=q.device)[None, None, :] < cnt[..., None])
         blk_ok = blk_ok[..., None].expand(b, hkv, width, block_size).flatten(2)
         qpos = offset + torch.arange(r0, r1, device=q.device)
         valid = blk_ok[:, :, None, :] & (tok[:, :, None, :] <= qpos[None, None, :, None]) & (tok < sk)[:, :, None]
-        qq = q[:, :, r0:r1].float().view(b, hkv, g, r1 - r0, d)
-        s = torch.einsum("bgrqd,bgtd->bgrqt", qq, kk) * scale
-        s = s.masked_fill(~valid[:, :, None], float("-inf"))
-        p = torch.softmax(s, -1).nan_to_num(0.0)
-        out[:, :, r0:r1] = torch.einsum("bgrqt,bgtd->bgrqd", p, vv).reshape(b, h, r1 - r0, -1).to(q.dtype)
+        qq = q[:, :, r0:r1].view(b, hkv, g, r1 - r0, d)
+        out[:, :, r0:r1] = _grouped_masked_attention(qq, kk, vv, valid[:, :, None], scale, q.dtype)
     return out
 
 
@@ -69,10 +78,6 @@ def sink_window_prefill_reference(q, k, v, sink: int, window: int, scale=None, c
         cols = torch.cat([kpos[:min(sink, lo)], kpos[lo:offset + r1]])
         j = cols[None, :]
         valid = (j <= t) & ((j < sink) | (t - j < window))
-        qq = q[:, :, r0:r1].float().view(b, hkv, g, r1 - r0, d)
-        s = torch.einsum("bgrqd,bgtd->bgrqt", qq, k[:, :, cols].float()) * scale
-        s = s.masked_fill(~valid, float("-inf"))
-        p = torch.softmax(s, -1).nan_to_num(0.0)
-        out[:, :, r0:r1] = torch.einsum("bgrqt,bgtd->bgrqd", p, v[:, :, cols].float()).reshape(
-            b, h, r1 - r0, -1).to(q.dtype)
+        qq = q[:, :, r0:r1].view(b, hkv, g, r1 - r0, d)
+        out[:, :, r0:r1] = _grouped_masked_attention(qq, k[:, :, cols], v[:, :, cols], valid, scale, q.dtype)
     return out
