@@ -22,20 +22,25 @@ def _attention_modules(model, view: AttentionView) -> list[torch.nn.Module]:
 
 @torch.no_grad()
 def attention_input_grams(model, view: AttentionView, batches: Iterable[torch.Tensor],
-                          progress: bool = True, dtype: torch.dtype = torch.float64) -> tuple[list[torch.Tensor], int]:
+                          progress: bool = True, dtype: torch.dtype = torch.float64,
+                          augment: bool = False) -> tuple[list[torch.Tensor], int]:
     """Per layer G[l] = sum over calibration tokens of x x^T (Tensor[hidden, hidden], `dtype`), and the token count.
 
+    With `augment`, x is [x; 1] (Tensor[hidden+1, hidden+1]) so projection biases can be fitted like weights.
     `batches`: LongTensor[1, S] token ids. Runs the model forward once per batch; a hook on each attention
     block folds its input into that layer's Gram matrix, so no activations are kept.
     """
     mods = _attention_modules(model, view)
-    grams = [torch.zeros(view.hidden_size, view.hidden_size, dtype=dtype) for _ in mods]
+    n = view.hidden_size + int(augment)
+    grams = [torch.zeros(n, n, dtype=dtype) for _ in mods]
     count = [0]
 
     def hook(layer: int):
         def fn(module, args, kwargs):
             x = kwargs.get("hidden_states", args[0] if args else None)
             x = x.reshape(-1, x.shape[-1]).to(dtype=dtype, device="cpu")
+            if augment:
+                x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
             grams[layer].addmm_(x.T, x)
         return fn
 

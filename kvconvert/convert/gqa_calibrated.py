@@ -17,10 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import AttentionView
+from .activations import attention_input_grams
 from .gqa_grouping import head_similarity, permute_heads, similarity_groups
 from .gqa_keys import fit_shared_keys, fold_into_queries
 from .gqa_layout import LayerAttention, layer_tensors, read_layer
-from .gqa_stats import augment_rows, augmented_grams, split_rows, whitening
+from .gqa_stats import augment_rows, split_rows, whitening
 from .gqa_values import fit_shared_values
 
 
@@ -77,7 +78,7 @@ def fit_calibrated(model, view: AttentionView, cfg, batches, progress: bool = Tr
                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Fit every layer of `model` (the original, fp32) to `cfg.groups` KV heads on `batches`
     (LongTensor[1, S] token ids). Returns (checkpoint name -> new tensor, fit metrics)."""
-    grams, tokens = augmented_grams(model, view, batches, augment=True, progress=progress)
+    grams, tokens = attention_input_grams(model, view, batches, progress=progress, augment=True)
     state = model.state_dict()
     replacements: dict[str, torch.Tensor] = {}
     layers = []
