@@ -113,7 +113,7 @@ def _check_input(view, cfg: LatentConfig) -> None:
         raise UserError("the input is already a latent checkpoint; run fit-latent on the original model")
     if not view.supports_gqa:
         raise UserError(f"fit-latent supports {view.model_type} only through GQA-capable classes: {view.gqa_note}")
-    width = view.num_kv_heads * view.head_dim
+    width = view.kv_width
     limit = min(2 * width, view.hidden_size) if cfg.joint_kv else width
     if cfg.rank is not None and cfg.rank > limit:
         what = "joint KV latent (2 x KV width, at most hidden size)" if cfg.joint_kv else "KV width (kv_heads x head_dim)"

@@ -72,7 +72,7 @@ def measure_sensitivity(model, view: AttentionView, spectra: list[dict[str, Spec
 
 def _budget(cfg, view: AttentionView) -> tuple[int, int]:
     """(per-layer uniform width of each K/V latent (or of the joint latent), total cached elements)."""
-    width = view.num_kv_heads * view.head_dim
+    width = view.kv_width
     per = 2 * width if cfg.joint_kv else width
     if cfg.rank is not None:
         r = cfg.rank
@@ -88,7 +88,7 @@ def fit_factors(model, view: AttentionView, cfg, batches: list[torch.Tensor], pr
     """Ranks and factors for every layer. `stats`: precomputed `attention_input_grams` of `batches`;
     `fishers`: precomputed `kv_output_fishers` (metric="fisher")."""
     grams, tokens = stats or attention_input_grams(model, view, batches, progress=progress)
-    width = view.num_kv_heads * view.head_dim
+    width = view.kv_width
     joint_cap = min(2 * width, view.hidden_size)
     weights = [attention_weights(model, view, i) for i in range(view.num_layers)]
     rope = {"inv_freq": _inv_freq(model, view), "context": cfg.calib.seqlen}

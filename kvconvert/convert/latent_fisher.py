@@ -28,8 +28,8 @@ def _kv_modules(model, view: AttentionView, layer: int):
 def kv_output_fishers(model, view: AttentionView, batches: Iterable[torch.Tensor], progress: bool = True
                       ) -> tuple[list[torch.Tensor], int]:
     """Per layer F [2*kv_width, 2*kv_width] (fp64, rows/cols [K | V]) and the number of scored tokens."""
-    kvw = view.num_kv_heads * view.head_dim
-    hq = view.num_heads * view.head_dim
+    kvw = view.kv_width
+    hq = view.q_width
     fishers = [torch.zeros(2 * kvw, 2 * kvw, dtype=torch.float64) for _ in range(view.num_layers)]
     grads: dict[tuple[int, str], torch.Tensor] = {}
     handles = []

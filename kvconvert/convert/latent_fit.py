@@ -52,7 +52,7 @@ def attention_weights(model, view: AttentionView, layer: int) -> AttentionWeight
 
     if view.fused_qkv:
         qkv = get(f"{n.qkv}.weight")
-        hq, kv = view.num_heads * view.head_dim, view.num_kv_heads * view.head_dim
+        hq, kv = view.q_width, view.kv_width
         q, k, v = qkv[:hq], qkv[hq:hq + kv], qkv[hq + kv:]
         qb = kb = vb = None
         bias = get(f"{n.qkv}.bias")
@@ -162,7 +162,7 @@ def layer_spectra(w: AttentionWeights, view: AttentionView, gram: torch.Tensor, 
     """Spectra for 'k' and 'v' (separate) and, when `joint_weights` = (w_k, w_v) is given, for 'kv'.
 
     `metric="fisher"` uses `fisher` ([2*kv_width]^2, see latent_fisher) and ignores `joint_weights`."""
-    kvw = view.num_kv_heads * view.head_dim
+    kvw = view.kv_width
     eye = torch.eye(kvw, dtype=torch.float64)
     if metric == "fisher":
         lk, lk_it = _sqrt_metric(fisher[:kvw, :kvw], damping)
@@ -218,7 +218,7 @@ def set_dense_kv(model, view: AttentionView, layer: int, k: torch.Tensor | None,
     pre = view.layer_prefix(layer)
     if view.fused_qkv:
         qkv = params[f"{pre}.{view.names.qkv}.weight"]
-        hq, kv = view.num_heads * view.head_dim, view.num_kv_heads * view.head_dim
+        hq, kv = view.q_width, view.kv_width
         if k is not None:
             qkv[hq:hq + kv].copy_(k)
         if v is not None:

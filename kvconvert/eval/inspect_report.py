@@ -32,7 +32,6 @@ def what_if(view: AttentionView, context: int, batch: int, nbytes: int) -> list[
     """KV bytes/token and GiB for each reachable GQA group count and a few uniform latent ranks."""
     base = view.kv_elements_per_token() * nbytes
     rows = []
-    full_width = view.num_kv_heads * view.head_dim
     for g in sorted(view.valid_group_counts(), reverse=True):
         per_tok = 2 * view.num_layers * g * view.head_dim * nbytes
         label = "current" if g == view.num_kv_heads and not view.kv_widths else ("MQA" if g == 1 else f"GQA-{g}")
@@ -40,7 +39,7 @@ def what_if(view: AttentionView, context: int, batch: int, nbytes: int) -> list[
                      "bytes_per_token": per_tok, "gib": per_tok * context * batch / 2**30,
                      "ratio": per_tok / base, "available": view.supports_gqa or g == view.num_kv_heads})
     for frac in (0.5, 0.25, 0.125):
-        rank = max(1, int(full_width * frac))
+        rank = max(1, int(view.kv_width * frac))
         per_tok = 2 * view.num_layers * rank * nbytes
         rows.append({"kind": "latent", "label": f"latent r={rank}", "kv_heads": None, "rank": rank,
                      "bytes_per_token": per_tok, "gib": per_tok * context * batch / 2**30,

@@ -80,6 +80,16 @@ class AttentionView:
         return self.num_heads // self.num_kv_heads
 
     @property
+    def q_width(self) -> int:
+        """Rows of the query projection: num_heads * head_dim."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        """Rows of the key (and of the value) projection: num_kv_heads * head_dim."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
     def fused_qkv(self) -> bool:
         return self.names.qkv is not None
 
@@ -89,8 +99,7 @@ class AttentionView:
     def widths(self) -> tuple[tuple[int, int], ...]:
         if self.kv_widths:
             return self.kv_widths
-        full = self.num_kv_heads * self.head_dim
-        return tuple((full, full) for _ in range(self.num_layers))
+        return tuple((self.kv_width, self.kv_width) for _ in range(self.num_layers))
 
     def kv_elements_per_token(self) -> int:
         return sum(k + v for k, v in self.widths())

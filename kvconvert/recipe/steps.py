@@ -184,7 +184,7 @@ def _export_onnx(cfg: OnnxExportConfig, ctx: StepContext) -> StepResult:
 
 def _latent_plan(view: AttentionView, cfg: LatentConfig) -> AttentionView:
     """Uniform widths with the same total budget fit_latent allocates (per layer ranks may differ)."""
-    width = view.num_kv_heads * view.head_dim
+    width = view.kv_width
     per = 2 * width if cfg.joint_kv else width
     r = cfg.rank if cfg.rank is not None else max(1, round(cfg.kv_ratio * per))
     widths = ((r, 0) if cfg.joint_kv else (r, r),) * view.num_layers

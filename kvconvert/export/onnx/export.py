@@ -28,7 +28,7 @@ def _source(model: Any) -> ModelSource:
 
 
 def _check_exportable(view: AttentionView, config: dict[str, Any]) -> None:
-    standard = (view.num_kv_heads * view.head_dim,) * 2
+    standard = (view.kv_width,) * 2
     latent = config.get("model_type") == "kvconvert_latent" or "kvconvert_latent" in config
     if latent or any(tuple(w) != standard for w in view.widths()):
         raise UserError(f"{view.model_type}: latent-KV checkpoints cannot be exported to ONNX yet; "

@@ -63,12 +63,12 @@ class LatentAttention(nn.Module):
         self.joint = joint
         dtype = stock.o_proj.weight.dtype
         device = stock.o_proj.weight.device
-        hidden, kv_width = view.hidden_size, view.num_kv_heads * view.head_dim
+        hidden, kv_width = view.hidden_size, view.kv_width
 
         def linear(n_in, n_out, bias):
             return nn.Linear(n_in, n_out, bias=bias, dtype=dtype, device=device)
 
-        self.q_proj = linear(hidden, view.num_heads * view.head_dim, view.q_bias)
+        self.q_proj = linear(hidden, view.q_width, view.q_bias)
         if joint:
             self.kv_latent = linear(hidden, k_width, False)
             self.k_proj = linear(k_width, kv_width, view.k_bias)

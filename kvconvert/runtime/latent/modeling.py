@@ -26,7 +26,7 @@ def install_latent_attention(model, config: KVLatentConfig) -> None:
     """Replace every attention module of `model` (built from `config`) by a `LatentAttention`."""
     view = describe(config.base_config())
     rope = RopeTable(model.get_submodule(_decoder_prefix(view) + "rotary_emb"))
-    widths = config.layer_widths(view.num_kv_heads * view.head_dim)
+    widths = config.layer_widths(view.kv_width)
     for layer in range(view.num_layers):
         parent, attr = _attention_parent(model, view, layer)
         stock = getattr(parent, attr)
