@@ -90,7 +90,8 @@ class LatentAttention(nn.Module):
         return self.k_latent(x).unsqueeze(1), self.v_latent(x).unsqueeze(1)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                **kwargs):
+                cache=None, **kwargs):
+        cache = cache if cache is not None else past_key_values  # transformers >= 5.24 names it `cache`
         b, s, _ = hidden_states.shape
         d = self.head_dim
         q = self.q_proj(hidden_states).view(b, s, -1, d)
@@ -99,9 +100,9 @@ class LatentAttention(nn.Module):
         q = q.transpose(1, 2)
         c_k, c_v = self.latents(hidden_states)
         seen = 0
-        if past_key_values is not None:
-            seen = past_key_values.get_seq_length(self.layer_idx)
-            c_k, c_v = past_key_values.update(c_k, c_v, self.layer_idx)
+        if cache is not None:
+            seen = cache.get_seq_length(self.layer_idx)
+            c_k, c_v = cache.update(c_k, c_v, self.layer_idx)
         if self.joint:
             c_v = c_k
         t = c_k.shape[-2]
