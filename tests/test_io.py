@@ -82,7 +82,7 @@ def test_provenance_records_source_hash_and_passes(tmp_path, tiny_folder):
     provenance.add_pass(rec, "demo", {"x": 1}, 0.5, {"perplexity": 3.0})
     provenance.write(tmp_path, rec)
     back = provenance.read(tmp_path)
-    assert back["source"]["sha256"] == src.content_hash() and len(back["source"]["sha256"]) == 64
+    assert back["source"]["blake3"] == src.content_hash() and len(back["source"]["blake3"]) == 64
     assert back["passes"][0]["params"] == {"x": 1} and back["metrics"]["perplexity"] == 3.0
     child = provenance.new_record({"spec": "x"}, parent=back)
     assert child["passes"] == back["passes"]

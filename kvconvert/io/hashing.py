@@ -1,13 +1,19 @@
-"""Content hashes of checkpoint folders, cached by (path, size, mtime) outside the checkpoint."""
+"""Content hashes of checkpoint files and folders, memoised by (path, size, mtime) outside the checkpoint.
+
+Content hashes are BLAKE3 (about 3x the speed of SHA-256 on one core, so hashing a source hides behind the
+conversion's own I/O); `file_sha256` stays for digests users check with `sha256sum` (engine plans).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 CHUNK = 8 * 2**20
+CONTENT_HASH = "blake3"
 
 
 def cache_dir() -> Path:
@@ -19,23 +25,50 @@ def cache_dir() -> Path:
     return path
 
 
-def file_sha256(path: Path) -> str:
+def _blake3(path: Path) -> str:
+    import blake3
+
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    buf = memoryview(bytearray(CHUNK))  # read, not mmap: mapped pages would count as this process's RSS
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(buf[:n])
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+_ALGORITHMS: dict[str, Callable[[Path], str]] = {"blake3": _blake3, "sha256": _sha256}
+
+
+def _memoised(path: Path, algorithm: str) -> str:
     st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{algorithm}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
     memo = cache_dir() / "hashes" / key
     if memo.exists():
         return memo.read_text().strip()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = _ALGORITHMS[algorithm](path)
     memo.parent.mkdir(parents=True, exist_ok=True)
     memo.write_text(digest)
     return digest
 
 
-def folder_sha256(files: list[Path], root: Path) -> str:
-    """sha256 over (relative name, file sha256) of `files`, order-independent."""
-    entries = sorted((str(p.relative_to(root)), file_sha256(p)) for p in files)
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+def file_hash(path: Path) -> str:
+    """Hex BLAKE3 content hash of one file."""
+    return _memoised(Path(path), CONTENT_HASH)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of one file (for digests checked with standard tools)."""
+    return _memoised(Path(path), "sha256")
+
+
+def folder_hash(files: list[Path], root: Path) -> str:
+    """Hex BLAKE3 over (relative name, file hash) of `files`, order-independent."""
+    import blake3
+
+    entries = sorted((str(p.relative_to(root)), file_hash(p)) for p in files)
+    return blake3.blake3(json.dumps(entries).encode()).hexdigest()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .hashing import cache_dir, file_sha256, folder_sha256
+from .hashing import CONTENT_HASH, cache_dir, file_hash, folder_hash
 from .safetensors_check import read_header
 
 BUILTINS = {
@@ -84,9 +84,9 @@ class ModelSource:
     def content_hash(self) -> str:
         if self._hash is None:
             if self.origin is not None:
-                self._hash = file_sha256(self.origin)
+                self._hash = file_hash(self.origin)
             else:
-                self._hash = folder_sha256(self.weight_files + self.side_files(), self.path)
+                self._hash = folder_hash(self.weight_files + self.side_files(), self.path)
         return self._hash
 
     def provenance(self) -> dict[str, Any]:
@@ -94,7 +94,7 @@ class ModelSource:
             "spec": self.spec,
             "kind": self.kind,
             "path": str((self.origin or self.path).resolve()),
-            "sha256": self.content_hash(),
+            CONTENT_HASH: self.content_hash(),
         }
 
 
@@ -161,7 +161,7 @@ def _builtin(spec: str, trust_remote_code: bool) -> ModelSource:
 
 
 def _gguf(spec: str, gguf: Path, kind: str, trust_remote_code: bool) -> ModelSource:
-    digest = file_sha256(gguf)
+    digest = file_hash(gguf)
     folder = cache_dir() / "gguf" / digest[:16]
     if not (folder / "config.json").is_file():
         _materialize_gguf(gguf, folder)

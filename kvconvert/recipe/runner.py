@@ -3,7 +3,7 @@
 Resumption: before a step runs, its key = sha256(step name, resolved config, content hashes of the
 artifacts it reads) is compared with the key recorded in `OUT/run-state.json` when it last finished; an
 equal key (and the folder still present) skips it unless `force`. Artifact hashes are content hashes
-(file sha256s memoised by path/size/mtime), so a changed upstream output re-runs everything below it.
+(file BLAKE3 hashes memoised by path/size/mtime), so a changed upstream output re-runs everything below it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..io.hashing import folder_sha256
+from ..io.hashing import folder_hash
 from ..models import describe
 from .schema import Recipe
 from .steps import STEPS, StepContext
@@ -50,9 +50,9 @@ def artifact_hash(value: Any) -> str:
         return value.content_hash()
     path = Path(value)
     if path.is_file():
-        return folder_sha256([path], path.parent)
+        return folder_hash([path], path.parent)
     files = [p for p in sorted(path.rglob("*")) if p.is_file()]
-    return folder_sha256(files, path)
+    return folder_hash(files, path)
 
 
 def step_key(name: str, config: dict[str, Any], input_hashes: dict[str, str]) -> str:
