@@ -6,7 +6,8 @@ import torch
 from gqa_helpers import expand_kv, logits_of, shuffle_kv_heads
 from kvconvert.convert.gqa import GQAConfig, mha_to_gqa
 from kvconvert.convert.gqa_keys import fit_shared_keys, fold_into_queries
-from kvconvert.io import provenance
+from kvconvert.convert.placement import PlacementConfig, load_reference
+from kvconvert.io import provenance, resolve_source
 from kvconvert.models import describe, gqa_capable_model_types
 
 IDS = torch.randint(3, 150, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -107,3 +108,24 @@ def test_partial_rotary_keeps_non_rotary_dims_exact(tmp_path, tiny_tok):
     torch.testing.assert_close(logits_of(res.out, IDS), logits_of(src, IDS), rtol=1e-4, atol=1e-4)
     one = _convert(src, tmp_path / "one", 1)
     assert 0 < one.metrics["fit"]["key_error"] < 1
+
+
+def test_offloaded_reference_gives_the_same_fit_and_heal(tiny_folder, tmp_path):
+    """The reference spread by accelerate over CPU RAM and disk (tiny max_memory) fits and heals like one in RAM."""
+    src = tiny_folder("llama", 2)
+    placement = PlacementConfig(device_map="sequential", max_memory={"cpu": "60KB"},
+                                offload_folder=str(tmp_path / "offload"))
+    with load_reference(resolve_source(src), placement) as ref:
+        assert "disk" in ref.hf_device_map.values(), "nothing offloaded to disk: the test would prove nothing"
+        assert any(p.device.type == "meta" for p in ref.parameters())
+    heal = {"steps": 2, "batch": 1, "seqlen": 32}
+    plain = _convert(src, tmp_path / "ram", 1, heal=heal)
+    spread = _convert(src, tmp_path / "disk", 1, heal=heal, placement=placement.model_dump())
+    torch.testing.assert_close(logits_of(spread.out, IDS), logits_of(plain.out, IDS), rtol=1e-5, atol=1e-5)
+    assert spread.metrics["heal"]["last_loss"] == pytest.approx(plain.metrics["heal"]["last_loss"], rel=1e-5)
+
+
+def test_max_memory_flag_must_be_dev_equals_size(cli, tiny_folder, tmp_path):
+    code, _, err = cli("mha-to-gqa", str(tiny_folder("llama", 2)), "--groups", "1", "--method", "calibrated",
+                       "--device-map", "auto", "--max-memory", "lots", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--max-memory" in err and not (tmp_path / "o").exists()

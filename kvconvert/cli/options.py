@@ -43,6 +43,33 @@ def add_heal_flags(p: argparse.ArgumentParser) -> None:
                    help="which parameters healing trains (attention)")
 
 
+def add_placement_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"], default=None,
+                   help="spread the reference model over GPUs, CPU RAM and disk with accelerate (models larger "
+                        "than memory)")
+    p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="with --device-map: memory per device, e.g. 0=70GiB,cpu=16GiB")
+    p.add_argument("--offload-folder", default=None, help="with --device-map: where weights that fit nowhere go "
+                                                          "(default: a temporary folder)")
+    p.add_argument("--reference-dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="precision of the reference model in memory (fp32)")
+
+
+def placement_fields(args: argparse.Namespace) -> dict:
+    """The `placement` mapping of a pass config from the placement flags (unset flags omitted)."""
+    from ..errors import UserError
+
+    memory = None
+    if args.max_memory:
+        try:
+            memory = dict(item.split("=", 1) for item in args.max_memory.split(","))
+        except ValueError:
+            raise UserError(f"--max-memory '{args.max_memory}' is not DEV=SIZE,...; e.g. 0=70GiB,cpu=16GiB") from None
+    fields = {"device_map": args.device_map, "max_memory": memory, "offload_folder": args.offload_folder,
+              "dtype": args.reference_dtype}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity measurement")
     p.add_argument("--eval-text", default=None, help="held-out evaluation text (builtin:gpl3)")

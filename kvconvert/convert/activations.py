@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import AttentionView
+from ..runtime.placement import input_device
 
 
 def _attention_modules(model, view: AttentionView) -> list[torch.nn.Module]:
@@ -45,7 +46,7 @@ def attention_input_grams(model, view: AttentionView, batches: Iterable[torch.Te
         return fn
 
     handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in enumerate(mods)]
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         for ids in tqdm(list(batches), desc="calibration", disable=not progress, leave=False):
             model(ids.to(device), use_cache=False)
@@ -75,7 +76,7 @@ def attention_inputs(model, view: AttentionView, batches: Iterable[torch.Tensor]
         return fn
 
     handles = [mods[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in wanted]
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         for ids in tqdm(list(batches), desc="calibration", disable=not progress, leave=False):
             model(ids.to(device), use_cache=False)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -32,6 +33,7 @@ from .gqa_layout import kv_roles
 from .gqa_mean import mean_pool_tensor
 from .gqa_stream import iter_source_tensors, write_converted
 from .heal import HealConfig, heal, heal_batches
+from .placement import PlacementConfig, load_reference
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class GQAConfig(StrictConfig):
     evaluate: bool = True
     eval: EvalConfig = EvalConfig()
     damping: float = Field(1e-3, ge=0)
+    placement: PlacementConfig = PlacementConfig()
 
     @property
     def needs_calibration(self) -> bool:
@@ -120,7 +123,7 @@ def mha_to_gqa(model, cfg: GQAConfig, out, *, overwrite: bool = False, calib: Ca
     new_config = output_config(config, cfg.groups)
     metrics: dict[str, Any] = {"kv_heads": [view.num_kv_heads, cfg.groups]}
 
-    with atomic_output_dir(out, overwrite, inputs=(source.path,)) as tmp:
+    with atomic_output_dir(out, overwrite, inputs=(source.path,)) as tmp, contextlib.ExitStack() as stack:
         teacher = None
         if cfg.method == "mean" and cfg.heal.steps == 0:
             roles = kv_roles(view)
@@ -130,11 +133,12 @@ def mha_to_gqa(model, cfg: GQAConfig, out, *, overwrite: bool = False, calib: Ca
 
             changed = roles.__contains__
         else:
-            teacher = source.load_model()
+            teacher = stack.enter_context(load_reference(source, cfg.placement))
             if cfg.method == "calibrated":
                 from .gqa_calibrated import fit_calibrated
 
-                replacements, fit_metrics = fit_calibrated(teacher, view, cfg, fit_data, progress)
+                replacements, fit_metrics = fit_calibrated(teacher, view, cfg, fit_data, progress,
+                                                           weights=source.reader().get)
                 metrics["fit"] = fit_metrics
             else:
                 replacements = _mean_replacements(source, view, cfg.groups)

@@ -11,6 +11,7 @@ With groups == KV heads (or heads that are exact copies) the fit reproduces the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -74,16 +75,19 @@ def fit_layer(w: LayerAttention, gram: torch.Tensor, view: AttentionView, groups
     return out, {"key_error": sum(kerr) / groups, "value_error": sum(verr) / groups, "kv_order": order}
 
 
-def fit_calibrated(model, view: AttentionView, cfg, batches, progress: bool = True
+def fit_calibrated(model, view: AttentionView, cfg, batches, progress: bool = True,
+                   weights: Callable[[str], torch.Tensor] | None = None
                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Fit every layer of `model` (the original, fp32) to `cfg.groups` KV heads on `batches`
-    (LongTensor[1, S] token ids). Returns (checkpoint name -> new tensor, fit metrics)."""
+    """Fit every layer of `model` (the original) to `cfg.groups` KV heads on `batches`
+    (LongTensor[1, S] token ids). `weights(name)` gives a checkpoint tensor (default: the model's state dict;
+    pass the checkpoint reader's `get` when the model is offloaded or held at low precision).
+    Returns (checkpoint name -> new tensor, fit metrics)."""
     grams, tokens = attention_input_grams(model, view, batches, progress=progress, augment=True)
-    state = model.state_dict()
+    get = weights or model.state_dict().__getitem__
     replacements: dict[str, torch.Tensor] = {}
     layers = []
     for layer in tqdm(range(view.num_layers), desc="fit", disable=not progress, leave=False):
-        w = read_layer(state.__getitem__, view, layer)
+        w = read_layer(get, view, layer)
         new, figures = fit_layer(w, grams[layer], view, cfg.groups, cfg.grouping, cfg.damping)
         replacements.update(layer_tensors(view, layer, new))
         layers.append(figures)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..config import StrictConfig
 from ..data.calibration import CalibConfig, CalibrationData, iterate, load_text, token_stream
 from ..errors import UserError
+from ..runtime.placement import input_device
 
 
 class HealConfig(StrictConfig):
@@ -102,10 +103,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def heal(student: torch.nn.Module, teacher: torch.nn.Module, cfg: HealConfig, calib: CalibrationData | None = None,
          progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Distil `teacher` into `student` in place for `cfg.steps` AdamW steps.
@@ -144,7 +141,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, cfg: HealConfig, ca
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    s_dev, t_dev = _device(student), _device(teacher)
+    s_dev, t_dev = input_device(student), input_device(teacher)
     was_training = student.training
     student.eval()  # no dropout: the student must match the deterministic teacher
     losses: list[float] = []

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import AttentionView
+from ..runtime.placement import input_device
 
 
 def _kv_modules(model, view: AttentionView, layer: int):
@@ -49,7 +50,7 @@ def kv_output_fishers(model, view: AttentionView, batches: Iterable[torch.Tensor
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    device = next(model.parameters()).device
+    device = input_device(model)
     count = 0
     try:
         for ids in tqdm(list(batches), desc="fisher", disable=not progress, leave=False):

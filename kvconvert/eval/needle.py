@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..config import StrictConfig
 from ..errors import UserError
+from ..runtime.placement import input_device
 from ..runtime.sparse.policies import DensePolicy, PageTopKPolicy, SparsePolicy, parse_policy_spec
 
 INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
@@ -101,7 +102,7 @@ def run_needle(model, tokenizer, cfg: NeedleConfig, policies=(), progress: bool 
     resolved = [SparsePolicy()] + [parse_policy_spec(p) for p in policies]
     _check(model, cfg, resolved)
     names = _names(["dense", *policies], resolved)
-    device = next(model.parameters()).device
+    device = input_device(model)
     rng = random.Random(cfg.seed)
     scores = {n: [[0.0] * len(cfg.depths) for _ in cfg.lengths] for n in names}
     read = {n: [] for n in names}

@@ -7,6 +7,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..runtime.placement import input_device
+
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, chunk: int = 512, max_tokens: int | None = 2048,
@@ -19,7 +21,7 @@ def perplexity(model, ids: torch.Tensor, chunk: int = 512, max_tokens: int | Non
     ids = ids.flatten()
     if max_tokens:
         ids = ids[:max_tokens]
-    device = next(model.parameters()).device
+    device = input_device(model)
     nll, count = 0.0, 0
     starts = range(0, ids.numel() - 1, chunk)
     for s in tqdm(starts, desc="perplexity", disable=not progress, leave=False):

@@ -16,6 +16,7 @@ class CheckpointReader:
         self.root = root
         self.files = files
         self.format = fmt
+        self._index: dict[str, Path] | None = None
 
     def names_by_file(self) -> dict[Path, list[str]]:
         if self.format != "safetensors":
@@ -51,15 +52,16 @@ class CheckpointReader:
             yield from tensors.items()
 
     def get(self, name: str) -> torch.Tensor:
-        for f, names in self.names_by_file().items():
-            if name in names:
-                if self.format == "safetensors":
-                    from safetensors import safe_open
+        """One tensor, read from the shard that holds it (the name -> shard index is built once)."""
+        if self._index is None:
+            self._index = {n: f for f, names in self.names_by_file().items() for n in names}
+        f = self._index[name]
+        if self.format == "safetensors":
+            from safetensors import safe_open
 
-                    with safe_open(str(f), framework="pt") as sf:
-                        return sf.get_tensor(name)
-                return _load_pickle(f)[name]
-        raise KeyError(name)
+            with safe_open(str(f), framework="pt") as sf:
+                return sf.get_tensor(name)
+        return _load_pickle(f)[name]
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:

@@ -62,8 +62,10 @@ class ModelSource:
 
         return AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
 
-    def load_model(self, dtype: Any = None, device_map: Any = None):
-        """The transformers model (fp32 by default); latent folders go through kvconvert's runtime."""
+    def load_model(self, dtype: Any = None, device_map: Any = None, **placement: Any):
+        """The transformers model (fp32 by default); latent folders go through kvconvert's runtime.
+
+        `device_map` and `placement` (`max_memory`, `offload_folder`) go to `from_pretrained` (accelerate)."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -74,6 +76,7 @@ class ModelSource:
             dtype=dtype or torch.float32,
             device_map=device_map,
             trust_remote_code=self.trust_remote_code,
+            **{k: v for k, v in placement.items() if v is not None},
         ).eval()
 
     def reader(self):

@@ -9,9 +9,11 @@ from ..options import (
     add_eval_flags,
     add_heal_flags,
     add_output_flags,
+    add_placement_flags,
     add_source_flags,
     open_source,
     pass_fields,
+    placement_fields,
 )
 
 
@@ -30,6 +32,7 @@ def register(sub, common) -> None:
     add_output_flags(p)
     add_calib_flags(p)
     add_heal_flags(p)
+    add_placement_flags(p)
     add_eval_flags(p)
     p.set_defaults(func=run)
 
@@ -37,7 +40,8 @@ def register(sub, common) -> None:
 def run(args) -> int:
     from ...convert.gqa import GQAConfig, mha_to_gqa
 
-    flags = {"groups": args.groups, "method": args.method, "grouping": args.grouping, **pass_fields(args)}
+    flags = {"groups": args.groups, "method": args.method, "grouping": args.grouping, **pass_fields(args),
+             "placement": placement_fields(args) or None}
     cfg = GQAConfig.parse({k: v for k, v in flags.items() if v is not None})
     source = open_source(args)
     result = mha_to_gqa(source, cfg, args.out, overwrite=args.overwrite, progress=not getattr(args, "quiet", False))
