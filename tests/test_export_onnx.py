@@ -13,7 +13,6 @@ from kvconvert.export.onnx import OnnxExportConfig, OrtGenerator, export_onnx
 from kvconvert.models import gqa_capable_model_types, registered_model_types
 
 MAX_CONTEXT = 48
-LATENT = {"kvconvert_latent"}  # refused: the latent cache holds pre-RoPE latents (docs/architecture.md)
 
 
 def _grid():
@@ -34,11 +33,6 @@ def _load(folder):
 @pytest.mark.parametrize("model_type,kv_heads", _grid())
 def test_export_matches_transformers(tiny_folder, tmp_path, model_type, kv_heads):
     src = tiny_folder(model_type, kv_heads)
-    if model_type in LATENT:
-        with pytest.raises(UserError, match="latent-KV checkpoints cannot be exported"):
-            export_onnx(str(src), OnnxExportConfig(max_context=MAX_CONTEXT), tmp_path / "onnx", progress=False)
-        assert not (tmp_path / "onnx").exists()
-        return
     result = export_onnx(str(src), OnnxExportConfig(max_context=MAX_CONTEXT), tmp_path / "onnx", progress=False)
     v = result.metrics["validation"]
     assert v["passed"] and v["decode_steps"] >= 1
@@ -48,20 +42,25 @@ def test_export_matches_transformers(tiny_folder, tmp_path, model_type, kv_heads
 
     graph = _load(result.out)
     meta = json.loads({p.key: p.value for p in graph.metadata_props}["kvconvert"])
-    nodes = [n for n in graph.graph.node if n.domain == "kvconvert" and n.op_type == "KVAttention"]
+    latent = model_type == "kvconvert_latent"  # full-rank latents of a qwen2 base: see test_export_onnx_latent.py
+    op_type = "KVLatentAttention" if latent else "KVAttention"
+    nodes = [n for n in graph.graph.node if n.domain == "kvconvert" and n.op_type == op_type]
     assert len(nodes) == meta["num_layers"]
-    assert {f.name for f in graph.functions} == {"KVAttention"}
+    assert {f.name for f in graph.functions} == {op_type}
+    kinds = ("key_latent", "value_latent") if latent else ("key", "value")
     for i, node in enumerate(nodes):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["plugin_namespace"] == b"kvconvert" and attrs["plugin_version"] == b"1"
         assert attrs["num_kv_heads"] == meta["num_kv_heads"] and attrs["layer"] == i
-        assert list(node.input[3:5]) == [f"past_key_{i}", f"past_value_{i}"]
+        assert list(node.input[3:5]) == [f"past_{kind}_{i}" for kind in kinds]
     inputs = {i.name: i for i in graph.graph.input}
     outputs = [o.name for o in graph.graph.output]
     assert list(inputs)[:3] == ["input_ids", "position_ids", "cache_length"]
     assert outputs[0] == "logits" and len(outputs) == 1 + 2 * meta["num_layers"]
-    dims = [d.dim_value or d.dim_param for d in inputs["past_key_0"].type.tensor_type.shape.dim]
-    assert dims == ["batch", meta["num_kv_heads"], MAX_CONTEXT, meta["head_dim"]]
+    dims = [d.dim_value or d.dim_param for d in inputs[f"past_{kinds[0]}_0"].type.tensor_type.shape.dim]
+    kv_width = meta["num_kv_heads"] * meta["head_dim"]
+    assert dims == (["batch", 1, MAX_CONTEXT, kv_width] if latent else
+                    ["batch", meta["num_kv_heads"], MAX_CONTEXT, meta["head_dim"]])
     assert meta["num_kv_heads"] == (kv_heads or TINY[model_type].get("num_key_value_heads")
                                     or meta["num_heads"])
 
@@ -228,7 +227,7 @@ def test_cli_export_onnx(tiny_folder, tmp_path, cli):
         "metrics"]["onnx"]
 
 
-def test_unknown_config_key_and_latent_refusal(tiny_folder, tmp_path):
+def test_unknown_config_key_and_latent_widths_without_latent_model(tiny_folder, tmp_path):
     with pytest.raises(UserError, match="max_context"):
         OnnxExportConfig.parse({"max_contex": 8})
     src = tiny_folder("llama", 2)
@@ -239,7 +238,7 @@ def test_unknown_config_key_and_latent_refusal(tiny_folder, tmp_path):
         (latent / f.name).write_bytes(f.read_bytes())
     cfg["kvconvert_latent"] = {"kv_widths": [[8, 8]] * 2}
     (latent / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match="latent"):
+    with pytest.raises(UserError, match="latent KV widths but model_type is not kvconvert_latent"):
         export_onnx(str(latent), OnnxExportConfig(max_context=8), tmp_path / "l", progress=False)
 
 

@@ -120,6 +120,31 @@ def test_tiny_model_served_greedy_concurrent_and_malformed(tiny_repo):
     assert not server.alive()
 
 
+def test_latent_model_served_greedy_equals_latent_generate(tiny_folder, tmp_path):
+    """A fit-latent model's ONNX export (latent cache buffers) served in onnxruntime mode."""
+    import torch
+
+    import kvconvert
+    from kvconvert.convert.latent import LatentConfig, fit_latent
+    from kvconvert.export.onnx import OnnxExportConfig, export_onnx
+    from kvconvert.export.triton import TritonRepoConfig, export_triton
+
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(3, 150, (1, 48), generator=g) for _ in range(3)]
+    latent = fit_latent(str(tiny_folder("qwen2")), LatentConfig(evaluate=False, kv_ratio=0.5), tmp_path / "lat",
+                        calib=calib, progress=False).out
+    export_onnx(latent, OnnxExportConfig(max_context=48, validate=False), tmp_path / "onnx", progress=False)
+    export_triton(tmp_path / "onnx", TritonRepoConfig(name="m", max_new_tokens=8), tmp_path / "repo")
+    prompt = [5, 9, 11, 3, 7]
+    want = greedy_reference(kvconvert.load_latent(latent), prompt, 10)
+    server = start_server(tmp_path / "repo")
+    try:
+        tokens, _, error = stream_generate(server.grpc_url, ids_request(prompt, 10))
+    finally:
+        server.stop()
+    assert error is None and tokens == want
+
+
 @pytest.mark.smollm2
 @pytest.mark.slow
 def test_smollm2_served_greedy_equals_transformers(smollm2_source, smollm2_model, tmp_path):

@@ -39,6 +39,14 @@ def read_onnx_metadata(onnx_dir: Path) -> dict[str, Any]:
     return json.loads(meta)
 
 
+def _check_graph(meta: dict[str, Any], onnx_dir: Path) -> None:
+    """Only KVAttention graphs have a plugin; a latent-KV graph (KVLatentAttention) is refused."""
+    op_type = meta.get("attention", {}).get("op_type", "KVAttention")
+    if op_type != "KVAttention":
+        raise UserError(f"{onnx_dir} is a latent-KV graph (kvconvert::{op_type}); no TensorRT plugin exists for it "
+                        "yet: run it with ONNX Runtime (OrtGenerator, or kvconvert export triton on the ONNX folder)")
+
+
 def _check_config(cfg: EngineConfig, meta: dict[str, Any]) -> None:
     if cfg.plugin == "aot" and cfg.backend != "tensorrt":
         raise UserError("--plugin aot needs --backend tensorrt (TensorRT-RTX has no tensorrt.plugin AOT support)")
@@ -107,6 +115,7 @@ def export_engine(onnx_dir, cfg: EngineConfig, out, *, overwrite: bool = False, 
     TensorRT version, compute capabilities, profiles and the engine's I/O (names, dtypes, shapes, aliases)."""
     onnx_dir = Path(onnx_dir)
     meta = read_onnx_metadata(onnx_dir)
+    _check_graph(meta, onnx_dir)
     profiles = engine_profiles(meta, cfg)
     _check_config(cfg, meta)
     trt = import_backend(cfg.backend)

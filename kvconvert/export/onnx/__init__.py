@@ -1,4 +1,5 @@
-"""ONNX export: decoder with explicit fixed-capacity KV buffers and `kvconvert::KVAttention` nodes.
+"""ONNX export: decoder with explicit fixed-capacity KV buffers and `kvconvert::KVAttention` nodes
+(`kvconvert::KVLatentAttention` over latent buffers for latent-KV models).
 
 `export_onnx(model, OnnxExportConfig(...), out)`; `OrtGenerator(out).generate(ids, n)` runs it greedily in
 ONNX Runtime. Layout, names and attributes: docs/architecture.md "ONNX export".

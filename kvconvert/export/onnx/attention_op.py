@@ -105,7 +105,7 @@ def block_sparse_mask(query: torch.Tensor, present_key: torch.Tensor, cache_leng
 
 
 def write_cache(past: torch.Tensor, new: torch.Tensor, cache_length: torch.Tensor) -> torch.Tensor:
-    """past [B, KV, T, D] with new [B, KV, S, D] written at slots cache_length[b] + s (a new tensor)."""
+    """past [B, X, T, W] with new [B, X, S, W] written at slots cache_length[b] + s (a new tensor)."""
     s = new.shape[2]
     slots = cache_length[:, None] + torch.arange(s, device=new.device)[None, :]
     index = slots[:, None, :, None].expand(new.shape)
@@ -126,10 +126,9 @@ def allowed_slots(cache_length: torch.Tensor, s: int, t: int, attrs: dict[str, A
     return allowed
 
 
-def kv_attention_reference(query, key, value, past_key, past_value, cache_length, attrs: dict[str, Any]):
-    """Eager PyTorch semantics of KVAttention (what the ONNX function body computes); see module doc."""
-    present_key = write_cache(past_key, key, cache_length)
-    present_value = write_cache(past_value, value, cache_length)
+def attend(query, present_key, present_value, cache_length, attrs: dict[str, Any]) -> torch.Tensor:
+    """output [B, S, H, Dv]: query [B, H, S, D] (position cache_length + s) over the whole cache
+    present_key [B, KV, T, D] / present_value [B, KV, T, Dv] under the mask and policy of the module doc."""
     b, h, s, d = query.shape
     kv, t = present_key.shape[1], present_key.shape[2]
     q = query.reshape(b, kv, (h // kv) * s, d)
@@ -147,8 +146,14 @@ def kv_attention_reference(query, key, value, past_key, past_value, cache_length
         allowed = allowed & blocks
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype).reshape(b, kv, (h // kv) * s, t)
-    out = torch.matmul(probs, present_value).reshape(b, h, s, -1).transpose(1, 2)
-    return out, present_key, present_value
+    return torch.matmul(probs, present_value).reshape(b, h, s, -1).transpose(1, 2)
+
+
+def kv_attention_reference(query, key, value, past_key, past_value, cache_length, attrs: dict[str, Any]):
+    """Eager PyTorch semantics of KVAttention (what the ONNX function body computes); see module doc."""
+    present_key = write_cache(past_key, key, cache_length)
+    present_value = write_cache(past_value, value, cache_length)
+    return attend(query, present_key, present_value, cache_length, attrs), present_key, present_value
 
 
 def _onnx_attr(g_kwargs: dict[str, Any], name: str, value: Any) -> None:
@@ -166,6 +171,14 @@ def _onnx_attr(g_kwargs: dict[str, Any], name: str, value: Any) -> None:
         g_kwargs[f"{name}_s"] = str(value)
 
 
+def onnx_attrs(attrs_items) -> dict[str, Any]:
+    """Node attributes as the TorchScript `g.op` keyword arguments (`name_i`, `name_f`, `name_s`)."""
+    kwargs: dict[str, Any] = {}
+    for name, val in attrs_items:
+        _onnx_attr(kwargs, name, val)
+    return kwargs
+
+
 class KVAttentionFunction(torch.autograd.Function):
     """Runs the eager reference; the TorchScript ONNX exporter turns it into one kvconvert::KVAttention node."""
 
@@ -175,9 +188,7 @@ class KVAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, query, key, value, past_key, past_value, cache_length, attrs_items):
-        kwargs: dict[str, Any] = {}
-        for name, val in attrs_items:
-            _onnx_attr(kwargs, name, val)
+        kwargs = onnx_attrs(attrs_items)
         out, present_key, present_value = g.op(f"{DOMAIN}::{OP_TYPE}", query, key, value, past_key, past_value,
                                                cache_length, outputs=3, **kwargs)
         attrs = dict(attrs_items)

@@ -17,7 +17,8 @@ with warnings.catch_warnings():  # the field `validate` (INTERFACES.md) shadows 
         """`kvconvert export onnx` settings.
 
         `max_context`: capacity T of the fixed per-layer cache buffers `past_key_{i}` [batch, kv_heads, T, head_dim]
-        (None: the model's max_position_embeddings, capped at 4096). `policy`: a sparse attention policy spec
+        (latent-KV models: `past_key_latent_{i}` [batch, 1, T, rank], ...) (None: the model's
+        max_position_embeddings, capped at 4096). `policy`: a sparse attention policy spec
         (`parse_policy_spec` syntax or a YAML path; None = dense). `logits`: "all" positions or only the "last".
         `validate`: compare ONNX Runtime against PyTorch (prefill + `validate_decode_steps` decode steps) and fail
         when max|logit diff| / max(1, max|logit|) exceeds `tolerance` (None: per dtype, 1e-4 for fp32). `external_data`: weights in `model.onnx.data`

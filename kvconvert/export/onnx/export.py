@@ -13,26 +13,20 @@ from ...errors import PassFailed, UserError
 from ...io import PassResult, atomic_output_dir, copy_side_files, provenance, resolve_source
 from ...io.sources import ModelSource
 from ...models import AttentionView, describe
-from .attention_op import DOMAIN, OP_TYPE
+from .attention_op import DOMAIN
+from .cache_layout import CacheLayout, cache_layout
 from .config import OnnxExportConfig
-from .graph import attach_metadata, io_names, save_and_check, trace_to_onnx
+from .graph import attach_metadata, save_and_check, trace_to_onnx
 from .policy import PolicyBinding, bind_policy
 from .wrapper import DecoderStep
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 DEFAULT_MAX_CONTEXT = 4096
 
 
 def _source(model: Any) -> ModelSource:
     return model if isinstance(model, ModelSource) else resolve_source(model)
-
-
-def _check_exportable(view: AttentionView, config: dict[str, Any]) -> None:
-    standard = (view.kv_width,) * 2
-    latent = config.get("model_type") == "kvconvert_latent" or "kvconvert_latent" in config
-    if latent or any(tuple(w) != standard for w in view.widths()):
-        raise UserError(f"{view.model_type}: latent-KV checkpoints cannot be exported to ONNX yet; "
-                        "export the model before fit-latent")
 
 
 def _special_tokens(source: ModelSource, config: dict[str, Any]) -> dict[str, Any]:
@@ -41,10 +35,14 @@ def _special_tokens(source: ModelSource, config: dict[str, Any]) -> dict[str, An
     return {k: gen.get(k, config.get(k)) for k in ("eos_token_id", "bos_token_id")}
 
 
-def graph_metadata(view: AttentionView, cfg: OnnxExportConfig, max_context: int, vocab_size: int,
-                   tokens: dict[str, Any], attributes: list[dict[str, Any]], policy: PolicyBinding) -> dict[str, Any]:
-    """The `kvconvert` metadata_props JSON (INTERFACES.md)."""
-    inputs, outputs = io_names(view.num_layers)
+def graph_metadata(view: AttentionView, layout: CacheLayout, cfg: OnnxExportConfig, max_context: int,
+                   vocab_size: int, tokens: dict[str, Any], attributes: list[dict[str, Any]],
+                   policy: PolicyBinding) -> dict[str, Any]:
+    """The `kvconvert` metadata_props JSON (INTERFACES.md); `cache` lists the buffers (names, heads, widths)."""
+    inputs, outputs = layout.io_names()
+    cache = layout.metadata(DTYPE_BYTES[cfg.dtype])
+    latent = {"latent": {"joint_kv": layout.kind == "joint_latent", "kv_widths": [list(w) for w in view.widths()]}} \
+        if layout.latent else {}
     return {
         "format": "kvconvert-onnx-decoder/1", "model_type": view.model_type,
         "num_layers": view.num_layers, "num_heads": view.num_heads, "num_kv_heads": view.num_kv_heads,
@@ -52,8 +50,8 @@ def graph_metadata(view: AttentionView, cfg: OnnxExportConfig, max_context: int,
         "dtype": cfg.dtype, "vocab_size": vocab_size, **tokens, "policy": policy.spec,
         "policy_resolved": policy.resolved, "opset": cfg.opset,
         "logits": cfg.logits, "inputs": inputs, "outputs": outputs,
-        "cache_layout": "[batch, num_kv_heads, max_context, head_dim]; new K/V written at cache_length + s",
-        "attention": {"domain": DOMAIN, "op_type": OP_TYPE, "attributes": attributes[0],
+        "cache_layout": layout.describe(), "cache": cache, "kv_bytes_per_token": cache["bytes_per_token"], **latent,
+        "attention": {"domain": DOMAIN, "op_type": layout.op_type, "attributes": attributes[0],
                       "per_layer": attributes},
     }
 
@@ -66,7 +64,7 @@ def export_onnx(model: Any, cfg: OnnxExportConfig | None = None, out: str | Path
     source = _source(model)
     config = source.config_dict()
     view = describe(config)
-    _check_exportable(view, config)
+    layout = cache_layout(view, config)
     max_context = cfg.max_context or min(view.max_position_embeddings or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT)
     if max_context < 2:
         raise UserError(f"--max-context {max_context} is too small; use at least 2")
@@ -81,12 +79,12 @@ def export_onnx(model: Any, cfg: OnnxExportConfig | None = None, out: str | Path
         torch_model = source.load_model(dtype=dtype)
         bar.update()
         bar.set_description("trace")
-        step = DecoderStep(torch_model, view, logits=cfg.logits, policy_attributes=policy.layer_attributes)
+        step = DecoderStep(torch_model, view, layout, logits=cfg.logits, policy_attributes=policy.layer_attributes)
         graph = trace_to_onnx(step, max_context, dtype, cfg.opset, tmp / "model.onnx", page_topk=policy.page_topk,
                               block_sparse=policy.block_sparse)
         vocab = int(torch_model.get_output_embeddings().weight.shape[0])
-        attach_metadata(graph, graph_metadata(view, cfg, max_context, vocab, _special_tokens(source, config),
-                                              step.attributes, policy))
+        attach_metadata(graph, graph_metadata(view, layout, cfg, max_context, vocab,
+                                              _special_tokens(source, config), step.attributes, policy))
         bar.update()
         bar.set_description("check")
         weights = sum(p.numel() * p.element_size() for p in torch_model.parameters())

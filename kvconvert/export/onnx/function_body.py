@@ -25,14 +25,14 @@ def _ref_attr(name: str, ref: str, kind: int) -> onnx.AttributeProto:
     return attr
 
 
-def _const_from_attr(out: str, attr: str, kind: int) -> onnx.NodeProto:
+def attr_const(out: str, attr: str, kind: int) -> onnx.NodeProto:
     node = helper.make_node("Constant", [], [out])
     field = {onnx.AttributeProto.FLOAT: "value_float", onnx.AttributeProto.INT: "value_int"}[kind]
     node.attribute.append(_ref_attr(field, attr, kind))
     return node
 
 
-def _ints(out: str, values: list[int]) -> onnx.NodeProto:
+def int_const(out: str, values: list[int]) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [out], value=helper.make_tensor(out, TensorProto.INT64,
                                                                            [len(values)], values))
 
@@ -44,50 +44,48 @@ def _scalar(out: str, value: float, dtype: int) -> onnx.NodeProto:
 TENSOR_SCATTER_OPSET = 24
 
 
-def _cache_update(opset: int) -> list[onnx.NodeProto]:
-    """present = past with the new K/V written at slots cache_length + s.
+def cache_update(opset: int, writes: list[tuple[str, str, str]]) -> list[onnx.NodeProto]:
+    """Each (past, new, present): present = past [B, X, T, W] with new [B, X, S, W] written at slots
+    cache_length + s (needs `pos` and `axes_1_3` from `prelude`).
 
     Opset >= 24: `TensorScatter` (ONNX's KV-cache update op; ONNX Runtime updates in place when the present
     output is bound to the past input's buffer). Older opsets: `ScatterElements`, always a copy of the buffer.
     """
     n = helper.make_node
     if opset >= TENSOR_SCATTER_OPSET:
-        return [n("TensorScatter", ["past_key", "key", "cache_length"], ["present_key"], axis=2),
-                n("TensorScatter", ["past_value", "value", "cache_length"], ["present_value"], axis=2)]
-    return [
-        n("Unsqueeze", ["pos", "axes_1_3"], ["pos4"]),
-        n("Shape", ["key"], ["key_shape"]), n("Shape", ["value"], ["value_shape"]),
-        n("Expand", ["pos4", "key_shape"], ["idx_k"]), n("Expand", ["pos4", "value_shape"], ["idx_v"]),
-        n("ScatterElements", ["past_key", "idx_k", "key"], ["present_key"], axis=2),
-        n("ScatterElements", ["past_value", "idx_v", "value"], ["present_value"], axis=2),
-    ]
+        return [n("TensorScatter", [past, new, "cache_length"], [present], axis=2) for past, new, present in writes]
+    nodes = [n("Unsqueeze", ["pos", "axes_1_3"], ["pos4"])]
+    for past, new, present in writes:
+        nodes += [n("Shape", [new], [f"{new}_shape"]), n("Expand", ["pos4", f"{new}_shape"], [f"{new}_idx"]),
+                  n("ScatterElements", [past, f"{new}_idx", new], [present], axis=2)]
+    return nodes
 
 
-def _reduce(op: str, x: str, axes: str, axis: int, out: str, opset: int, keepdims: int = 0) -> onnx.NodeProto:
+def reduce_op(op: str, x: str, axes: str, axis: int, out: str, opset: int, keepdims: int = 0) -> onnx.NodeProto:
     """ReduceMin/Max/Mean (axes became an input in opset 18; ReduceSum takes the input form always)."""
     if opset >= 18 or op == "ReduceSum":
         return helper.make_node(op, [x, axes], [out], keepdims=keepdims)
     return helper.make_node(op, [x], [out], axes=[axis], keepdims=keepdims)
 
 
-def _block_sparse(out: str, opset: int) -> list[onnx.NodeProto]:
+def _block_sparse(out: str, opset: int, q: str, k: str) -> list[onnx.NodeProto]:
     """`out` bool [B, KV, 1, S, T]: slots of the key blocks a block_sparse_prefill step reads (all slots when
     the layer has no such policy, in decode, or when S < dense_below). Same rule as
     kvconvert.kernels.selection.block_importance + select_blocks, per row with L = cache_length + S keys.
     Needs T % tile == 0 (checked at export)."""
     n = helper.make_node
     F, I = onnx.AttributeProto.FLOAT, onnx.AttributeProto.INT
-    r = lambda op, x, ax, axis, o, keep=0: _reduce(op, x, ax, axis, o, opset, keep)
+    r = lambda op, x, ax, axis, o, keep=0: reduce_op(op, x, ax, axis, o, opset, keep)
     return [
-        _const_from_attr("bs_tile_attr", "policy_prefill_tile", I), _const_from_attr("bs_mass", "policy_prefill_mass", F),
-        _const_from_attr("bs_density", "policy_prefill_density", F),
-        _const_from_attr("bs_sink", "policy_prefill_sink_blocks", I),
-        _const_from_attr("bs_local", "policy_prefill_local_blocks", I),
-        _const_from_attr("bs_dense_below", "policy_prefill_dense_below", I),
+        attr_const("bs_tile_attr", "policy_prefill_tile", I), attr_const("bs_mass", "policy_prefill_mass", F),
+        attr_const("bs_density", "policy_prefill_density", F),
+        attr_const("bs_sink", "policy_prefill_sink_blocks", I),
+        attr_const("bs_local", "policy_prefill_local_blocks", I),
+        attr_const("bs_dense_below", "policy_prefill_dense_below", I),
         _scalar("bs_inf", float("inf"), TensorProto.FLOAT), _scalar("bs_f0", 0.0, TensorProto.FLOAT),
         _scalar("bs_f1", 1.0, TensorProto.FLOAT), _scalar("bs_eps", 1e-9, TensorProto.DOUBLE),
-        _ints("bs_ax1", [1]), _ints("bs_ax2", [2]), _ints("bs_ax3", [3]), _ints("bs_ax_last", [-1]),
-        _ints("bs_ax_0_1", [0, 1]), _ints("bs_ax_3_5", [3, 5]), _ints("bs_one1", [1]), _ints("bs_zero1", [0]),
+        int_const("bs_ax1", [1]), int_const("bs_ax2", [2]), int_const("bs_ax3", [3]), int_const("bs_ax_last", [-1]),
+        int_const("bs_ax_0_1", [0, 1]), int_const("bs_ax_3_5", [3, 5]), int_const("bs_one1", [1]), int_const("bs_zero1", [0]),
         n("Neg", ["bs_inf"], ["bs_ninf"]),
         n("Greater", ["bs_tile_attr", "i0"], ["bs_on"]), n("Where", ["bs_on", "bs_tile_attr", "T"], ["bs_tile"]),
         n("Unsqueeze", ["bs_tile", "axes0"], ["bs_tile1"]),
@@ -97,7 +95,7 @@ def _block_sparse(out: str, opset: int) -> list[onnx.NodeProto]:
         n("Mul", ["bs_NQ", "bs_tile"], ["bs_SP"]), n("Unsqueeze", ["bs_SP", "axes0"], ["bs_SP1"]),
         n("Add", ["cache_length", "S"], ["bs_L"]),
         # pooled keys kbar [B, KV, NK, D]: mean over each block's valid slots (< L)
-        n("Cast", ["present_key"], ["bs_kf"], to=TensorProto.FLOAT),
+        n("Cast", [k], ["bs_kf"], to=TensorProto.FLOAT),
         n("Concat", ["zero1", "zero1", "bs_NK1", "bs_tile1", "minus1"], ["bs_k5_shape"], axis=0),
         n("Reshape", ["bs_kf", "bs_k5_shape"], ["bs_k5"]),
         n("Unsqueeze", ["bs_L", "axes1"], ["bs_L_b1"]), n("Less", ["arange_t", "bs_L_b1"], ["bs_slot_valid"]),
@@ -109,7 +107,7 @@ def _block_sparse(out: str, opset: int) -> list[onnx.NodeProto]:
         r("ReduceSum", "bs_valid5_f", "bs_ax3", 3, "bs_kcount"),
         n("Max", ["bs_kcount", "bs_f1"], ["bs_kcount1"]), n("Div", ["bs_ksum", "bs_kcount1"], ["bs_kbar"]),
         # pooled queries qbar [B, H, NQ, D]: mean over each block's rows (< S)
-        n("Cast", ["query"], ["bs_qf"], to=TensorProto.FLOAT),
+        n("Cast", [q], ["bs_qf"], to=TensorProto.FLOAT),
         n("Sub", ["bs_SP", "S"], ["bs_pad_rows"]), n("Unsqueeze", ["bs_pad_rows", "axes0"], ["bs_pad_rows1"]),
         n("Concat", ["bs_zero1", "bs_zero1", "bs_zero1", "bs_zero1", "bs_zero1", "bs_zero1", "bs_pad_rows1",
                      "bs_zero1"], ["bs_pads"], axis=0),
@@ -124,7 +122,7 @@ def _block_sparse(out: str, opset: int) -> list[onnx.NodeProto]:
         r("ReduceSum", "bs_rows2", "bs_ax_last", -1, "bs_qcount", 1),
         n("Div", ["bs_qsum", "bs_qcount"], ["bs_qbar"]),
         # importance [B, KV, NQ, NK]: softmax over causal key blocks of qbar.kbar*scale, mean over the group
-        n("Shape", ["query"], ["bs_D1"], start=3, end=4),
+        n("Shape", [q], ["bs_D1"], start=3, end=4),
         n("Concat", ["zero1", "KV1", "minus1", "bs_NQ1", "bs_D1"], ["bs_qg_shape"], axis=0),
         n("Reshape", ["bs_qbar", "bs_qg_shape"], ["bs_qg"]),
         n("Transpose", ["bs_kbar"], ["bs_kbar_t"], perm=[0, 1, 3, 2]),
@@ -208,7 +206,7 @@ def _block_sparse(out: str, opset: int) -> list[onnx.NodeProto]:
     ]
 
 
-def _page_topk(out: str, opset: int) -> list[onnx.NodeProto]:
+def _page_topk(out: str, opset: int, q: str, k: str) -> list[onnx.NodeProto]:
     """`out` bool [B, KV, 1, 1, T]: slots of the pages a page_topk decode step reads (all slots when the
     layer has no page_topk, in prefill, or below dense_below). Same rule as kvconvert.kernels.selection:
     per-page key min/max over valid slots, score = max over the group's heads of sum_d max(q*kmin, q*kmax),
@@ -218,14 +216,14 @@ def _page_topk(out: str, opset: int) -> list[onnx.NodeProto]:
     n = helper.make_node
     F, I = onnx.AttributeProto.FLOAT, onnx.AttributeProto.INT
     return [
-        _const_from_attr("pg", "policy_decode_page", I), _const_from_attr("pg_keep", "policy_decode_keep", F),
-        _const_from_attr("pg_budget", "policy_decode_budget", I),
-        _const_from_attr("pg_sink", "policy_decode_sink_pages", I),
-        _const_from_attr("pg_recent", "policy_decode_recent_pages", I),
-        _const_from_attr("pg_dense_below", "policy_decode_dense_below", I),
+        attr_const("pg", "policy_decode_page", I), attr_const("pg_keep", "policy_decode_keep", F),
+        attr_const("pg_budget", "policy_decode_budget", I),
+        attr_const("pg_sink", "policy_decode_sink_pages", I),
+        attr_const("pg_recent", "policy_decode_recent_pages", I),
+        attr_const("pg_dense_below", "policy_decode_dense_below", I),
         _scalar("pg_inf", float("inf"), TensorProto.FLOAT), _scalar("pg_eps", 1e-9, TensorProto.DOUBLE),
-        _ints("pg_axes3", [3]), _ints("pg_axes2", [2]), _ints("pg_axes_last", [-1]), _ints("pg_axes_1_2", [1, 2]),
-        _ints("pg_axes_2_3", [2, 3]), _ints("one1", [1]), _ints("active5_shape", [-1, 1, 1, 1, 1]),
+        int_const("pg_axes3", [3]), int_const("pg_axes2", [2]), int_const("pg_axes_last", [-1]), int_const("pg_axes_1_2", [1, 2]),
+        int_const("pg_axes_2_3", [2, 3]), int_const("one1", [1]), int_const("active5_shape", [-1, 1, 1, 1, 1]),
         n("Greater", ["pg", "i0"], ["pg_on"]), n("Where", ["pg_on", "pg", "T"], ["pg_size"]),
         n("Div", ["T", "pg_size"], ["P"]), n("Unsqueeze", ["P", "axes0"], ["P1"]),
         n("Unsqueeze", ["pg_size", "axes0"], ["pg_size1"]),
@@ -235,26 +233,26 @@ def _page_topk(out: str, opset: int) -> list[onnx.NodeProto]:
         n("Div", ["L_round", "pg_size"], ["n_pages"]),
         # per-page key min / max over valid slots: [B, KV, P, D]
         n("Concat", ["zero1", "zero1", "P1", "pg_size1", "minus1"], ["k5_shape"], axis=0),
-        n("Cast", ["present_key"], ["k_f"], to=TensorProto.FLOAT),
+        n("Cast", [k], ["k_f"], to=TensorProto.FLOAT),
         n("Reshape", ["k_f", "k5_shape"], ["k5"]),
         n("Unsqueeze", ["L", "axes1"], ["L_b1"]), n("Less", ["arange_t", "L_b1"], ["slot_valid"]),
         n("Concat", ["zero1", "one1", "P1", "pg_size1", "one1"], ["valid5_shape"], axis=0),
         n("Reshape", ["slot_valid", "valid5_shape"], ["valid5"]),
         n("Neg", ["pg_inf"], ["pg_ninf"]),
         n("Where", ["valid5", "k5", "pg_inf"], ["k5_lo"]), n("Where", ["valid5", "k5", "pg_ninf"], ["k5_hi"]),
-        _reduce("ReduceMin", "k5_lo", "pg_axes3", 3, "kmin", opset),
-        _reduce("ReduceMax", "k5_hi", "pg_axes3", 3, "kmax", opset),
+        reduce_op("ReduceMin", "k5_lo", "pg_axes3", 3, "kmin", opset),
+        reduce_op("ReduceMax", "k5_hi", "pg_axes3", 3, "kmax", opset),
         # scores [B, KV, P] from the last query row
-        n("Sub", ["S", "i1"], ["last_row"]), n("Gather", ["query", "last_row"], ["q_last"], axis=2),
+        n("Sub", ["S", "i1"], ["last_row"]), n("Gather", [q, "last_row"], ["q_last"], axis=2),
         n("Cast", ["q_last"], ["q_last_f"], to=TensorProto.FLOAT),
-        n("Shape", ["query"], ["D1"], start=3, end=4),
+        n("Shape", [q], ["D1"], start=3, end=4),
         n("Concat", ["zero1", "KV1", "minus1", "one1", "D1"], ["qg_shape"], axis=0),
         n("Reshape", ["q_last_f", "qg_shape"], ["qg"]),
         n("Unsqueeze", ["kmin", "pg_axes2"], ["kmin_g"]), n("Unsqueeze", ["kmax", "pg_axes2"], ["kmax_g"]),
         n("Mul", ["qg", "kmin_g"], ["q_lo"]), n("Mul", ["qg", "kmax_g"], ["q_hi"]),
         n("Max", ["q_lo", "q_hi"], ["q_bound"]),
         n("ReduceSum", ["q_bound", "pg_axes_last"], ["per_head"], keepdims=0),
-        _reduce("ReduceMax", "per_head", "pg_axes2", 2, "page_score", opset),
+        reduce_op("ReduceMax", "per_head", "pg_axes2", 2, "page_score", opset),
         # pages kept per row
         n("Add", ["pg_budget", "pg_size"], ["b_plus"]), n("Sub", ["b_plus", "i1"], ["b_round"]),
         n("Div", ["b_round", "pg_size"], ["k_budget"]),
@@ -312,41 +310,46 @@ def _combine_masks(page_topk: bool, block_sparse: bool) -> list[onnx.NodeProto]:
     return nodes
 
 
-def kv_attention_function(attribute_names: list[str], opset: int, page_topk: bool = False,
-                          block_sparse: bool = False) -> onnx.FunctionProto:
-    """FunctionProto of KVAttention; `attribute_names` are all attributes the nodes carry; `page_topk` adds
-    the page selection (only models exported with a page_topk policy pay for it)."""
+def prelude(past: str) -> list[onnx.NodeProto]:
+    """Constants, attribute values and sizes every kvconvert attention body starts with: `S`/`S1` (new
+    tokens, from `query`), `T`/`T1` (capacity, axis 2 of `past`), `pos` [B, S] = cache_length + s."""
     n = helper.make_node
     F, I = onnx.AttributeProto.FLOAT, onnx.AttributeProto.INT
-    nodes = [
-        _ints("axes0", [0]), _ints("axes1", [1]), _ints("axes_1_3", [1, 3]), _ints("axes_1_2", [1, 2]),
-        _ints("zero1", [0]), _ints("minus1", [-1]),
+    return [
+        int_const("axes0", [0]), int_const("axes1", [1]), int_const("axes_1_3", [1, 3]), int_const("axes_1_2", [1, 2]),
+        int_const("zero1", [0]), int_const("minus1", [-1]),
         _scalar("i0", 0, TensorProto.INT64), _scalar("i1", 1, TensorProto.INT64),
         _scalar("neg_inf", float("-inf"), TensorProto.FLOAT),
-        _const_from_attr("scale_f", "scale", F), _const_from_attr("softcap_f", "softcap", F),
-        _const_from_attr("window", "sliding_window", I),
-        _const_from_attr("decode_sink", "policy_decode_sink", I),
-        _const_from_attr("decode_window", "policy_decode_window", I),
-        _const_from_attr("prefill_sink", "policy_prefill_sink", I),
-        _const_from_attr("prefill_window", "policy_prefill_window", I),
-        # sizes
-        n("Shape", ["query"], ["S1"], start=2, end=3), n("Shape", ["past_key"], ["T1"], start=2, end=3),
+        attr_const("scale_f", "scale", F), attr_const("softcap_f", "softcap", F),
+        attr_const("window", "sliding_window", I),
+        attr_const("decode_sink", "policy_decode_sink", I),
+        attr_const("decode_window", "policy_decode_window", I),
+        attr_const("prefill_sink", "policy_prefill_sink", I),
+        attr_const("prefill_window", "policy_prefill_window", I),
+        n("Shape", ["query"], ["S1"], start=2, end=3), n("Shape", [past], ["T1"], start=2, end=3),
         n("Squeeze", ["S1", "axes0"], ["S"]), n("Squeeze", ["T1", "axes0"], ["T"]),
-        # absolute slot of every new token: pos [B, S]
         n("Range", ["i0", "S", "i1"], ["arange_s"]),
         n("Unsqueeze", ["cache_length", "axes1"], ["cl_b1"]), n("Unsqueeze", ["arange_s", "axes0"], ["ar_1s"]),
         n("Add", ["cl_b1", "ar_1s"], ["pos"]),
-        *_cache_update(opset),
+    ]
+
+
+def attention(q: str, k: str, v: str, opset: int, page_topk: bool = False,
+              block_sparse: bool = False) -> list[onnx.NodeProto]:
+    """`output` [B, S, H, Dv] from q [B, H, S, D] and the whole cache k [B, KV, T, D], v [B, KV, T, Dv]
+    (after `prelude`): scale, soft-capping, the causal / sliding-window / policy mask, fp32 softmax."""
+    n = helper.make_node
+    return [
         # GQA without repeating the cache: q [B, H, S, D] -> [B, KV, G*S, D]
-        n("Shape", ["past_key"], ["KV1"], start=1, end=2),
+        n("Shape", [k], ["KV1"], start=1, end=2),
         n("Concat", ["zero1", "KV1", "minus1", "zero1"], ["q_grouped_shape"], axis=0),
-        n("Reshape", ["query", "q_grouped_shape"], ["q_grouped"]),
-        n("Transpose", ["present_key"], ["key_t"], perm=[0, 1, 3, 2]),
+        n("Reshape", [q, "q_grouped_shape"], ["q_grouped"]),
+        n("Transpose", [k], ["key_t"], perm=[0, 1, 3, 2]),
         n("MatMul", ["q_grouped", "key_t"], ["scores_raw"]),
-        n("CastLike", ["scale_f", "query"], ["scale_q"]),
+        n("CastLike", ["scale_f", q], ["scale_q"]),
         n("Mul", ["scores_raw", "scale_q"], ["scores_scaled"]),
         # optional tanh soft-capping (softcap > 0)
-        n("CastLike", ["softcap_f", "query"], ["softcap_q"]),
+        n("CastLike", ["softcap_f", q], ["softcap_q"]),
         n("Div", ["scores_scaled", "softcap_q"], ["sc_div"]), n("Tanh", ["sc_div"], ["sc_tanh"]),
         n("Mul", ["sc_tanh", "softcap_q"], ["sc_capped"]),
         _scalar("f0", 0.0, TensorProto.FLOAT), n("Greater", ["softcap_f", "f0"], ["use_softcap"]),
@@ -372,20 +375,29 @@ def kv_attention_function(attribute_names: list[str], opset: int, page_topk: boo
         n("And", ["causal", "window_ok"], ["model_ok"]),
         n("And", ["model_ok", "policy_ok"], ["allowed"]),
         n("Unsqueeze", ["allowed", "axes_1_2"], ["allowed5_causal"]),
-        *(_page_topk("page_ok5", opset) if page_topk else []),
-        *(_block_sparse("block_ok5", opset) if block_sparse else []),
+        *(_page_topk("page_ok5", opset, q, k) if page_topk else []),
+        *(_block_sparse("block_ok5", opset, q, k) if block_sparse else []),
         *_combine_masks(page_topk, block_sparse),
         n("Cast", ["scores5"], ["scores5_f"], to=TensorProto.FLOAT),
         n("Where", ["allowed5", "scores5_f", "neg_inf"], ["masked"]),
         n("Softmax", ["masked"], ["probs_f"], axis=-1),
-        n("CastLike", ["probs_f", "query"], ["probs5"]),
+        n("CastLike", ["probs_f", q], ["probs5"]),
         n("Concat", ["zero1", "zero1", "minus1", "T1"], ["probs4_shape"], axis=0),
         n("Reshape", ["probs5", "probs4_shape"], ["probs"]),
-        n("MatMul", ["probs", "present_value"], ["out_grouped"]),
+        n("MatMul", ["probs", v], ["out_grouped"]),
         # [B, KV, G*S, Dv] -> [B, H, S, Dv] -> [B, S, H, Dv]
         n("Concat", ["zero1", "minus1", "S1", "zero1"], ["out_shape"], axis=0),
         n("Reshape", ["out_grouped", "out_shape"], ["out_heads"]),
         n("Transpose", ["out_heads"], ["output"], perm=[0, 2, 1, 3]),
     ]
+
+
+def kv_attention_function(attribute_names: list[str], opset: int, page_topk: bool = False,
+                          block_sparse: bool = False) -> onnx.FunctionProto:
+    """FunctionProto of KVAttention; `attribute_names` are all attributes the nodes carry; `page_topk` /
+    `block_sparse` add the selection (only models exported with such a policy pay for it)."""
+    nodes = [*prelude("past_key"),
+             *cache_update(opset, [("past_key", "key", "present_key"), ("past_value", "value", "present_value")]),
+             *attention("query", "present_key", "present_value", opset, page_topk, block_sparse)]
     return helper.make_function(DOMAIN, OP_TYPE, INPUTS, OUTPUTS, nodes,
                                 opset_imports=[helper.make_opsetid("", opset)], attributes=attribute_names)

@@ -1,4 +1,5 @@
-"""Trace a `DecoderStep` to ONNX, attach the KVAttention function, metadata, external data; check it."""
+"""Trace a `DecoderStep` to ONNX, attach the KVAttention (or KVLatentAttention) function, metadata, external
+data; check it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import onnx
 import torch
 
-from .attention_op import DOMAIN, OP_TYPE
+from .attention_op import DOMAIN
 from .function_body import kv_attention_function
 from .wrapper import DecoderStep
 
@@ -21,34 +22,30 @@ TRACE_OPSET_MAX = 20  # the TorchScript exporter's newest opset; later targets g
 DATA_FILE = "model.onnx.data"
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    """Graph input and output names (fixed by INTERFACES.md)."""
-    inputs = ["input_ids", "position_ids", "cache_length"]
-    outputs = ["logits"]
-    for i in range(num_layers):
-        inputs += [f"past_key_{i}", f"past_value_{i}"]
-        outputs += [f"present_key_{i}", f"present_value_{i}"]
-    return inputs, outputs
-
-
 def example_inputs(step: DecoderStep, max_context: int, dtype: torch.dtype, batch: int = 2, seq: int = 3):
     """Trace inputs; seq >= 2 so no axis is specialised to 1."""
-    view = step.view
     ids = torch.randint(0, 8, (batch, seq))
     pos = torch.arange(seq)[None].expand(batch, seq) + 1
     cache_length = torch.ones(batch, dtype=torch.long)
-    past = []
-    for k_width, v_width in view.widths():
-        kv = view.num_kv_heads
-        past += [torch.zeros(batch, kv, max_context, k_width // kv, dtype=dtype),
-                 torch.zeros(batch, kv, max_context, v_width // kv, dtype=dtype)]
+    past = [torch.zeros(batch, b.heads, max_context, b.width, dtype=dtype) for b in step.layout.buffers]
     return (ids, pos, cache_length, *past)
+
+
+def _attention_function(step: DecoderStep, names: list[str], opset: int, page_topk: bool,
+                        block_sparse: bool) -> onnx.FunctionProto:
+    if not step.layout.latent:
+        return kv_attention_function(names, opset, page_topk, block_sparse)
+    from .latent_function_body import kv_latent_attention_function
+
+    k_norm = any(a["k_norm_eps"] > 0 for a in step.latent_attributes)
+    return kv_latent_attention_function(names, opset, step.layout.kind == "joint_latent", k_norm, page_topk,
+                                        block_sparse)
 
 
 def trace_to_onnx(step: DecoderStep, max_context: int, dtype: torch.dtype, opset: int, path: Path,
                   page_topk: bool = False, block_sparse: bool = False) -> onnx.ModelProto:
-    """torch.onnx (TorchScript exporter) -> ModelProto with the KVAttention function attached."""
-    inputs, outputs = io_names(step.view.num_layers)
+    """torch.onnx (TorchScript exporter) -> ModelProto with the attention function attached."""
+    inputs, outputs = step.layout.io_names()
     dynamic = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"},
                "cache_length": {0: "batch"}, "logits": {0: "batch", 1: "seq" if step.logits_to_keep == 0 else "one"}}
     for name in inputs[3:] + outputs[1:]:
@@ -66,20 +63,37 @@ def trace_to_onnx(step: DecoderStep, max_context: int, dtype: torch.dtype, opset
         from onnx import version_converter
 
         model = version_converter.convert_version(model, opset)
+    _keep_position_ids(model, inputs)
     if dynamic["logits"][1] == "one":
         model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 1
-    attention_nodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+    op_type = step.layout.op_type
+    attention_nodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == op_type]
     if len(attention_nodes) != step.view.num_layers:
-        raise RuntimeError(f"expected {step.view.num_layers} {DOMAIN}::{OP_TYPE} nodes, traced "
+        raise RuntimeError(f"expected {step.view.num_layers} {DOMAIN}::{op_type} nodes, traced "
                            f"{len(attention_nodes)}")
     for i, node in enumerate(attention_nodes):
         node.name = f"kv_attention_{i}"
     share_transposed_weights(model)
     names = sorted({a.name for n in attention_nodes for a in n.attribute})
-    model.functions.append(kv_attention_function(names, opset, page_topk, block_sparse))
+    model.functions.append(_attention_function(step, names, opset, page_topk, block_sparse))
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     return model
+
+
+def _keep_position_ids(model: onnx.ModelProto, inputs: list[str]) -> None:
+    """Put back `position_ids` [batch, seq] when the tracer dropped it as unused (latent graphs: positions are
+    slot indices), so every export has the same interface."""
+    present = [i.name for i in model.graph.input]
+    if present == inputs:
+        return
+    if [n for n in inputs if n not in present] != ["position_ids"]:
+        raise RuntimeError(f"traced graph inputs {present} differ from {inputs}")
+    spec = onnx.helper.make_tensor_value_info("position_ids", onnx.TensorProto.INT64, ["batch", "seq"])
+    by_name = {i.name: i for i in model.graph.input}
+    ordered = [by_name.get(n, spec) for n in inputs]
+    del model.graph.input[:]
+    model.graph.input.extend(ordered)
 
 
 def share_transposed_weights(model: onnx.ModelProto) -> int:

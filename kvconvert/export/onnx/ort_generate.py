@@ -45,15 +45,17 @@ class OrtGenerator:
         self.num_layers = int(self.meta["num_layers"])
         self.max_context = int(self.meta["max_context"])
         self.last_only = self.meta.get("logits") == "last"
+        self.past_names = list(self.meta["inputs"][3:])
+        self.present_names = list(self.meta["outputs"][1:])
         past = {i.name: i for i in self.session.get_inputs()}
-        self._cache_shapes = [tuple(past[f"past_{kind}_{i}"].shape[1:]) for i in range(self.num_layers)
-                              for kind in ("key", "value")]
-        self._cache_dtype = _numpy_dtype(past["past_key_0"].type)
+        self._cache_shapes = [tuple(past[name].shape[1:]) for name in self.past_names]
+        self._cache_dtype = _numpy_dtype(past[self.past_names[0]].type)
         on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
         self.in_place = (int(self.meta.get("opset", 0)) >= 24 and on_cpu) if in_place is None else in_place
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
-        """Zeroed buffers past_key_0, past_value_0, ... each [batch, kv_heads, max_context, head_dim]."""
+        """Zeroed cache buffers in graph order (`past_names`): past_key_0, past_value_0, ... each
+        [batch, kv_heads, max_context, head_dim], or a latent model's [batch, 1, max_context, width] latents."""
         return [np.zeros((batch, *shape), dtype=self._cache_dtype) for shape in self._cache_shapes]
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, cache_length: np.ndarray,
@@ -61,8 +63,7 @@ class OrtGenerator:
         """One graph call: logits [B, S|1, V] and the updated cache buffers."""
         feed = {"input_ids": np.asarray(input_ids, np.int64), "position_ids": np.asarray(position_ids, np.int64),
                 "cache_length": np.asarray(cache_length, np.int64)}
-        for i in range(self.num_layers):
-            feed[f"past_key_{i}"], feed[f"past_value_{i}"] = cache[2 * i], cache[2 * i + 1]
+        feed.update(zip(self.past_names, cache))
         outs = self.session.run(None, feed)
         return outs[0], list(outs[1:])
 
@@ -75,10 +76,9 @@ class OrtGenerator:
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
         binding.bind_cpu_input("cache_length", np.ascontiguousarray(cache_length, np.int64))
         binding.bind_output("logits")
-        for i in range(self.num_layers):
-            for j, kind in enumerate(("key", "value")):
-                binding.bind_ortvalue_input(f"past_{kind}_{i}", cache[2 * i + j])
-                binding.bind_ortvalue_output(f"present_{kind}_{i}", cache[2 * i + j])
+        for past, present, value in zip(self.past_names, self.present_names, cache):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 

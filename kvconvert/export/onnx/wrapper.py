@@ -3,10 +3,13 @@
 Embeddings, norms, MLPs, projections, biases, qk-norm and RoPE stay the model's own modules (so every
 registered architecture exports the same way); only the attention function is swapped, through
 transformers' `AttentionInterface`, for one that reads/writes explicit fixed-capacity cache buffers.
+Latent-KV models instead have each `LatentAttention` module's forward routed to KVLatentAttention
+(`latent_wrapper.py`), since their K/V are rebuilt from the cached latents inside the op.
 """
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,6 +19,7 @@ from torch import nn
 from ...errors import UserError
 from ...models import AttentionView
 from .attention_op import kv_attention, node_attributes
+from .cache_layout import CacheLayout
 
 ATTN_IMPLEMENTATION = "kvconvert_onnx"
 _ACTIVE: list[DecoderStep] = []
@@ -29,8 +33,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     step = _ACTIVE[-1]
     layer = step.layer_of[id(module)]
     attrs = step.layer_attributes(layer, query, scaling, sliding_window, softcap)
-    out, present_key, present_value = kv_attention(query, key, value, step._past[2 * layer],
-                                                   step._past[2 * layer + 1], step._cache_length, attrs)
+    past_key, past_value = step.layer_past(layer)
+    out, present_key, present_value = kv_attention(query, key, value, past_key, past_value, step._cache_length,
+                                                   attrs)
     step._presents[layer] = (present_key, present_value)
     return out, None
 
@@ -58,15 +63,16 @@ def attention_implementation(model: nn.Module, name: str):
 
 
 class DecoderStep(nn.Module):
-    """forward(input_ids [B,S], position_ids [B,S], cache_length [B], past_key_0, past_value_0, ...)
-    -> (logits [B,S|1,V], present_key_0, present_value_0, ...)."""
+    """forward(input_ids [B,S], position_ids [B,S], cache_length [B], *past buffers of `layout`)
+    -> (logits [B,S|1,V], *present buffers): past_key_0, past_value_0, ... or the latent buffers."""
 
-    def __init__(self, model: nn.Module, view: AttentionView, *, logits: str = "all",
+    def __init__(self, model: nn.Module, view: AttentionView, layout: CacheLayout, *, logits: str = "all",
                  policy_attributes: list[dict[str, Any]] | None = None):
         super().__init__()
         _register()
         self.model = model
         self.view = view
+        self.layout = layout
         self.logits_to_keep = 1 if logits == "last" else 0
         self.policy_attributes = policy_attributes or [{} for _ in range(view.num_layers)]
         self.layer_of: dict[int, int] = {}
@@ -79,28 +85,38 @@ class DecoderStep(nn.Module):
         self.attributes: list[dict[str, Any] | None] = [None] * view.num_layers
         self._past: tuple[torch.Tensor, ...] = ()
         self._cache_length: torch.Tensor | None = None
-        self._presents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._presents: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.latent_attributes: list[dict[str, Any]] = []
+        if layout.latent:
+            from .latent_wrapper import latent_layer_attributes
+
+            self.latent_attributes = latent_layer_attributes(model, view, layout.kind == "joint_latent")
         self.eval()
 
-    def layer_attributes(self, layer: int, query: torch.Tensor, scaling, sliding_window, softcap) -> dict[str, Any]:
+    def layer_past(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """The past buffers of `layer` passed to the current forward (in `layout` order)."""
+        return tuple(t for t, b in zip(self._past, self.layout.buffers) if b.layer == layer)
+
+    def layer_attributes(self, layer: int, query: torch.Tensor, scaling, sliding_window, softcap,
+                         **extra: Any) -> dict[str, Any]:
         num_heads, head_dim = query.shape[1], query.shape[3]
         policy = self.policy_attributes[layer]
         if softcap or sliding_window:  # as kvconvert.sparse: such layers keep the model's own attention
             policy = {"kind": policy["kind"]} if policy else {}
-        attrs = node_attributes(num_heads=num_heads, num_kv_heads=self._past[2 * layer].shape[1],
+        attrs = node_attributes(num_heads=num_heads, num_kv_heads=self.view.num_kv_heads,
                                 head_dim=head_dim, scale=head_dim ** -0.5 if scaling is None else float(scaling),
                                 softcap=softcap or 0.0, sliding_window=sliding_window or 0, layer=layer,
-                                policy=policy)
+                                policy=policy) | extra
         self.attributes[layer] = attrs
         return attrs
 
     def forward(self, input_ids, position_ids, cache_length, *past):
-        if len(past) != 2 * self.view.num_layers:
-            raise ValueError(f"expected {2 * self.view.num_layers} cache buffers, got {len(past)}")
+        if len(past) != len(self.layout.buffers):
+            raise ValueError(f"expected {len(self.layout.buffers)} cache buffers, got {len(past)}")
         self._past, self._cache_length, self._presents = past, cache_length, {}
         _ACTIVE.append(self)
         try:
-            with attention_implementation(self.model, ATTN_IMPLEMENTATION):
+            with attention_implementation(self.model, ATTN_IMPLEMENTATION), self._latent_routing():
                 out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                  logits_to_keep=self.logits_to_keep)
         finally:
@@ -111,3 +127,10 @@ class DecoderStep(nn.Module):
             presents.extend(self._presents[i])
         self._presents = {}
         return (out.logits, *presents)
+
+    def _latent_routing(self):
+        if not self.layout.latent:
+            return contextlib.nullcontext()
+        from .latent_wrapper import latent_attention_routed
+
+        return latent_attention_routed(self)

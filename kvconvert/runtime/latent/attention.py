@@ -89,15 +89,21 @@ class LatentAttention(nn.Module):
             return c, c[..., :0]
         return self.k_latent(x).unsqueeze(1), self.v_latent(x).unsqueeze(1)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                cache=None, **kwargs):
-        cache = cache if cache is not None else past_key_values  # transformers >= 5.24 names it `cache`
-        b, s, _ = hidden_states.shape
-        d = self.head_dim
-        q = self.q_proj(hidden_states).view(b, s, -1, d)
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries before RoPE for input x [b, s, hidden]: [b, heads, s, head_dim] (q_proj, then q_norm)."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, -1, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        q = q.transpose(1, 2)
+        return q.transpose(1, 2)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                past_key_values=None, **kwargs):
+        """transformers >= 5.24 passes the cache as `cache` (earlier versions: `past_key_values`)."""
+        cache = cache if cache is not None else past_key_values
+        b, s, _ = hidden_states.shape
+        d = self.head_dim
+        q = self.queries(hidden_states)
         c_k, c_v = self.latents(hidden_states)
         seen = 0
         if cache is not None:

@@ -32,10 +32,10 @@ class OrtStepper:
         gpu = "CUDAExecutionProvider" in ort.get_available_providers()
         self.session = ort.InferenceSession(path, opts, providers=(["CUDAExecutionProvider"] if gpu else [])
                                             + ["CPUExecutionProvider"])
-        self.layers = int(meta["num_layers"])
-        ins = {i.name: i for i in self.session.get_inputs()}
-        self.shapes = [tuple(ins[f"past_{k}_{i}"].shape[1:]) for i in range(self.layers) for k in ("key", "value")]
-        self.dtype = np.float16 if "float16" in ins["past_key_0"].type else np.float32
+        # cache buffers in graph order: past_key_0, past_value_0, ... or a latent model's past_*_latent_*
+        self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_")]
+        self.shapes = [tuple(i.shape[1:]) for i in self.past]
+        self.dtype = np.float16 if "float16" in self.past[0].type else np.float32
 
     def start(self, request_id):
         return [np.zeros((1, *s), self.dtype) for s in self.shapes]
@@ -44,8 +44,7 @@ class OrtStepper:
         feed = {"input_ids": ids[None].astype(np.int64),
                 "position_ids": np.arange(start, start + len(ids), dtype=np.int64)[None],
                 "cache_length": np.array([start], np.int64)}
-        for i in range(self.layers):
-            feed[f"past_key_{i}"], feed[f"past_value_{i}"] = state[2 * i], state[2 * i + 1]
+        feed.update((i.name, buf) for i, buf in zip(self.past, state))
         outs = self.session.run(None, feed)
         state[:] = outs[1:]
         return outs[0][0, -1].astype(np.float32)
