@@ -1,7 +1,8 @@
 """Write a converted checkpoint tensor by tensor: read one source tensor, convert it, hand it to the writer.
 
 Tensors the conversion leaves alone are not decoded at all: their bytes are copied file to file
-(`ShardedWriter.add_slice`). Peak memory is about one output shard of converted tensors plus the tensor
+(`ShardedWriter.add_slice`), and a new output shard starts with each source shard (split further only where
+it exceeds the shard size), so every copy keeps its source page offset. Peak memory is about one output shard of converted tensors plus the tensor
 being converted, whatever the model size.
 """
 
@@ -48,11 +49,14 @@ def write_converted(source: ModelSource, folder: Path, convert: Callable[[str, t
         from safetensors import safe_open
 
         for f in reader.files:
+            writer.flush()  # output shards follow the source's, so each copies from one file, page-aligned
             header = read_header(f)
             with open(f, "rb") as fh:
                 data_start = 8 + int.from_bytes(fh.read(8), "little")
+            in_file_order = sorted((n for n in header if n != "__metadata__"),
+                                   key=lambda n: header[n]["data_offsets"][0])
             with safe_open(str(f), framework="pt") as sf:
-                for name in sf.keys():
+                for name in in_file_order:  # sequential reads; adjacent unchanged tensors copy as one range
                     if changes(name):
                         writer.add(name, convert(name, sf.get_tensor(name)))
                     else:

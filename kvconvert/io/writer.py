@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from .sources import SIDE_FILES
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+PAGE = 4096
 
 
 def parse_size(text: str | int) -> int:
@@ -72,13 +74,14 @@ class ShardedWriter:
         if name in self._names:
             raise ValueError(f"tensor '{name}' written twice")
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
+            self.flush()
         self._names.add(name)
         self._pending[name] = item
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """End the current shard now (nothing happens when it is empty)."""
         if not self._pending:
             return
         path = self.folder / f"shard-{len(self._written):05d}.tmp"
@@ -87,7 +90,7 @@ class ShardedWriter:
         self._pending, self._pending_bytes = {}, 0
 
     def finish(self) -> list[Path]:
-        self._flush()
+        self.flush()
         n = len(self._written)
         if n == 1:
             final = self.folder / "model.safetensors"
@@ -116,14 +119,47 @@ def _write_safetensors(path: Path, items: dict[str, torch.Tensor | FileSlice], m
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * ((_page_residue(items, header) - 8 - len(raw)) % PAGE)
     with open(path, "wb", buffering=0) as out:
         _write_all(out, struct.pack("<Q", len(raw)) + raw)
-        for item in items.values():
+        for item in _coalesced(items.values()):
             if isinstance(item, FileSlice):
                 _copy_range(item.path, item.offset, item.nbytes, out)
             elif item.numel():
                 _write_all(out, memoryview(item.reshape(-1).view(torch.uint8).numpy()))
+
+
+def _coalesced(items) -> Iterator[torch.Tensor | FileSlice]:
+    """The items in order, with runs of slices adjacent in the same source file merged into one copy."""
+    run: FileSlice | None = None
+    for item in items:
+        if isinstance(item, FileSlice) and run is not None and item.path == run.path \
+                and item.offset == run.offset + run.nbytes:
+            run = FileSlice(run.path, run.offset, run.nbytes + item.nbytes, "U8", [run.nbytes + item.nbytes])
+            continue
+        if run is not None:
+            yield run
+        run = item if isinstance(item, FileSlice) else None
+        if run is None:
+            yield item
+    if run is not None:
+        yield run
+
+
+def _page_residue(items: dict[str, torch.Tensor | FileSlice], header: dict) -> int:
+    """Where the data section should start, modulo a page, so copied slices keep their source page offset.
+
+    The kernel copies a range whose source and destination offsets differ by whole pages about twice as fast
+    as a misaligned one. Tensor sizes are mostly whole pages, so one header padding (spaces, as the format
+    allows) aligns nearly every slice; the residue chosen is the one most copied bytes ask for (8-aligned).
+    """
+    votes: dict[int, int] = {}
+    for name, item in items.items():
+        if isinstance(item, FileSlice):
+            residue = (item.offset - header[name]["data_offsets"][0]) % PAGE
+            votes[residue] = votes.get(residue, 0) + item.nbytes
+    best = max(votes, key=votes.__getitem__) if votes else 0
+    return best - best % 8
 
 
 def _write_all(out, data) -> None:
