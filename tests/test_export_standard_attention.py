@@ -55,11 +55,11 @@ def test_standard_export_matches_transformers(tiny_folder, tmp_path, model_type)
     res = export_onnx(str(tiny_folder(model_type, kv)), OnnxExportConfig(max_context=MAX_CONTEXT, attention="standard"),
                       tmp_path / "onnx", progress=False)
     assert res.metrics["validation"]["passed"] and res.metrics["validation"]["max_abs_diff"] <= 1e-4
-    graph = _load(res.out)
-    meta = _meta(res.out)
+    model = _load(res.out)
+    graph, meta = model.graph, _meta(res.out)
     ops = [n.op_type for n in graph.node]
-    assert not any(n.domain == DOMAIN for n in graph.node) and not graph.functions
-    assert {o.domain for o in graph.opset_import} == {""} and graph.opset_import[0].version == 24
+    assert not any(n.domain == DOMAIN for n in graph.node) and not model.functions
+    assert {o.domain for o in model.opset_import} == {""} and model.opset_import[0].version == 24
     assert ops.count("Attention") == meta["num_layers"] and ops.count("TensorScatter") == 2 * meta["num_layers"]
     inputs, outputs = io_names(meta["num_layers"])
     assert [v.name for v in graph.input] == inputs and [v.name for v in graph.output] == outputs
@@ -185,7 +185,7 @@ def _check_standard_engine(eng, onnx_dir, num_layers):
     assert layers["KV_CACHE_UPDATE"] == 2 * num_layers and layers["ATTENTION_INPUT"] == num_layers
     assert not {k for k in layers if k.startswith("PLUGIN")}
     assert eng["aliases"] == {f"present_{k}_{i}": f"past_{k}_{i}" for i in range(num_layers) for k in ("key", "value")}
-    graph = _load(onnx_dir)
+    graph = _load(onnx_dir).graph
     assert [t["name"] for t in eng["io"]["inputs"]] == [v.name for v in graph.input]
     assert [t["name"] for t in eng["io"]["outputs"]] == [v.name for v in graph.output]
 
