@@ -132,18 +132,12 @@ def test_layers_with_one_rule_share_one_mask():
     assert len(masks) == 2
 
 
-def test_standard_fp16_export_validates_and_updates_in_place(std_onnx):
-    out = std_onnx["fp16"]
-    rec = json.loads((out / "kvconvert.json").read_text())
+def test_standard_fp16_export_validates(std_onnx):
+    """fp16 Attention in ONNX Runtime's CPU provider, against PyTorch fp16 at the fp16 tolerance."""
+    rec = json.loads((std_onnx["fp16"] / "kvconvert.json").read_text())
     val = rec["passes"][-1]["metrics"]["onnx"]["validation"]
-    assert val["passed"] and val["tolerance"] == 5e-2
-    gen = OrtGenerator(out)
-    assert gen.in_place
-    cache = gen.empty_cache(1)
-    values = gen.to_ort_values(cache)
-    gen.step_in_place(np.array([[7, 8, 9]]), np.array([[0, 1, 2]]), np.array([0]), values)
-    assert values[0].data_ptr() == cache[0].ctypes.data
-    assert np.abs(cache[0][:, :, :3]).sum() > 0 and np.abs(cache[0][:, :, 3:]).sum() == 0
+    assert val["passed"] and val["tolerance"] == 5e-2 and val["greedy_tokens_agree"]
+    assert _meta(std_onnx["fp16"])["dtype"] == "fp16" and OrtGenerator(std_onnx["fp16"]).in_place
 
 
 @pytest.mark.parametrize("policy,match", [("page_topk:page=16,keep=0.25,dense_below=16", "page_topk"),

@@ -33,8 +33,8 @@ def run(args) -> int:
     from ...export.onnx import OnnxExportConfig, export_onnx
 
     cfg = OnnxExportConfig().merged({"policy": args.policy, "dtype": args.dtype, "max_context": args.max_context,
-                                     "logits": args.logits, "attention": args.attention, "opset": args.opset, "validate": args.validate,
-                                     "tolerance": args.tolerance})
+                                     "logits": args.logits, "attention": args.attention, "opset": args.opset,
+                                     "validate": args.validate, "tolerance": args.tolerance})
     result = export_onnx(open_source(args), cfg, args.out, overwrite=args.overwrite,
                          progress=not getattr(args, "quiet", False))
     m = result.metrics
