@@ -200,6 +200,24 @@ def test_rtx_engine_from_standard_ops_needs_no_plugin(std_onnx, tmp_path, monkey
 
 
 @needs_rtx
+def test_engine_refuses_a_cache_that_is_not_updated_in_place(std_onnx, tmp_path):
+    """present_key_0 behind an Identity: TensorRT's cache-update output is no longer the network output."""
+    import shutil
+
+    from kvconvert.export.engine import EngineConfig, export_engine
+
+    shutil.copytree(std_onnx["fp16"], tmp_path / "o")
+    model = onnx.load(str(tmp_path / "o" / "model.onnx"))
+    node = next(n for n in model.graph.node if n.op_type == "TensorScatter" and n.output[0] == "present_key_0")
+    node.output[0] = "present_key_0_raw"
+    model.graph.node.append(helper.make_node("Identity", ["present_key_0_raw"], ["present_key_0"]))
+    onnx.save(model, str(tmp_path / "o" / "model.onnx"))
+    with pytest.raises(PassFailed, match=r"\['present_key_0'\] is not a KV-cache-update layer"):
+        export_engine(tmp_path / "o", EngineConfig(), tmp_path / "eng")
+    assert not (tmp_path / "eng").exists()
+
+
+@needs_rtx
 def test_rtx_refuses_fp32_standard_attention_unless_decomposed(tiny_folder, tmp_path, monkeypatch):
     from kvconvert.export.engine import EngineConfig, export_engine
 

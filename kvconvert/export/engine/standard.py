@@ -30,7 +30,7 @@ def check_standard_graph(cfg: EngineConfig, meta: dict[str, Any]) -> None:
                         "or build with --decompose-attention (unfused, slower)")
 
 
-def _layers(trt, network, kind):
+def _layers(network, kind):
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         if layer.type == kind:
@@ -40,7 +40,7 @@ def _layers(trt, network, kind):
 def decompose_attention(trt, network) -> int:
     """Mark every IAttention decomposable (TensorRT may then build it from unfused layers); returns the count."""
     count = 0
-    for layer in _layers(trt, network, trt.LayerType.ATTENTION_INPUT):
+    for layer in _layers(network, trt.LayerType.ATTENTION_INPUT):
         layer.__class__ = trt.IAttentionInputLayer  # the documented downcast of a network's ILayer
         layer.attention.decomposable = True
         count += 1
@@ -53,7 +53,7 @@ def cache_update_aliases(trt, network, num_layers: int) -> dict[str, str]:
     inputs = {network.get_input(i).name for i in range(network.num_inputs)}
     outputs = {network.get_output(i).name for i in range(network.num_outputs)}
     aliases = {}
-    for layer in _layers(trt, network, trt.LayerType.KV_CACHE_UPDATE):
+    for layer in _layers(network, trt.LayerType.KV_CACHE_UPDATE):
         past, present = layer.get_input(0).name, layer.get_output(0).name
         if past in inputs and present in outputs:
             aliases[present] = past
