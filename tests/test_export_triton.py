@@ -22,6 +22,16 @@ def tiny_onnx(tiny_folder, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_onnx_standard(tiny_folder, tmp_path_factory):
+    from kvconvert.export.onnx import OnnxExportConfig, export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny_standard"
+    export_onnx(tiny_folder("llama", 2), OnnxExportConfig(max_context=32, validate=False, dtype="fp16",
+                                                           attention="standard"), out)
+    return out
+
+
 def parse_config(path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
@@ -43,11 +53,15 @@ def onnx_io(folder):
 
 @needs_client
 @pytest.mark.skipif(not HAS_RTX, reason="tensorrt-rtx-cu13 not installed (pip install 'kvconvert[tensorrt]')")
-def test_engine_repository_config_parses_and_matches_engine_io(tiny_onnx, tmp_path):
+@pytest.mark.parametrize("attention", ["kvconvert", "standard"])
+def test_engine_repository_config_parses_and_matches_engine_io(request, tmp_path, attention):
+    """Both engines (plugin / standard ops): config.pbtxt parses with Triton's schema and matches the engine I/O."""
     from google.protobuf import text_format  # noqa: F401
 
     from kvconvert.export.engine import EngineConfig, export_engine
     from kvconvert.export.triton import TritonRepoConfig, export_triton
+
+    tiny_onnx = request.getfixturevalue("tiny_onnx" if attention == "kvconvert" else "tiny_onnx_standard")
 
     export_engine(tiny_onnx, EngineConfig(max_batch=4, opt_batch=2, opt_prefill=8), tmp_path / "eng")
     export_triton(tmp_path / "eng", TritonRepoConfig(name="tiny"), tmp_path / "repo")
@@ -75,6 +89,8 @@ def test_engine_repository_config_parses_and_matches_engine_io(tiny_onnx, tmp_pa
     assert gen.parameters["mode"].string_value == "engine" and gen.parameters["engine_model"].string_value == "tiny"
     readme = (tmp_path / "repo" / "README.md").read_text()
     assert "tritonserver --model-repository" in readme and "tiny_generate" in readme
+    assert ("cannot load it" in readme) == (attention == "kvconvert")
+    assert ("has no plugin" in readme) == (attention == "standard")
 
 
 @needs_client

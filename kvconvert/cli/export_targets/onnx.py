@@ -8,8 +8,8 @@ from ..options import add_source_flags, open_source
 def register(sub, common) -> None:
     p = sub.add_parser("onnx", parents=[common], help="ONNX decoder with KV cache, validated in ONNX Runtime",
                        description="Export one decoder graph (prefill and decode) with fixed-capacity per-layer KV "
-                                   "buffers and one kvconvert::KVAttention node per layer; checks ONNX Runtime "
-                                   "logits against PyTorch unless --no-validate.")
+                                   "buffers and one kvconvert::KVAttention node (or standard ONNX Attention ops) per "
+                                   "layer; checks ONNX Runtime logits against PyTorch unless --no-validate.")
     add_source_flags(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or absent)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -19,7 +19,10 @@ def register(sub, common) -> None:
     p.add_argument("--max-context", type=int, default=None, metavar="N",
                    help="KV buffer capacity in tokens (default: max_position_embeddings, at most 4096)")
     p.add_argument("--logits", default=None, choices=["all", "last"], help="logits for all positions or the last")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (17)")
+    p.add_argument("--attention", default=None, choices=["kvconvert", "standard"],
+                   help="kvconvert: one kvconvert::KVAttention node per layer, every policy (default); standard: ONNX "
+                        "TensorScatter + Attention ops, dense/sink_window only, engines need no plugin")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (17; 24 with --attention standard)")
     p.add_argument("--no-validate", dest="validate", action="store_false", default=None,
                    help="skip the ONNX Runtime vs PyTorch check")
     p.add_argument("--tolerance", type=float, default=None, help="allowed max|logit diff| / max(1, max|logit|) (fp32: 1e-4)")
@@ -30,8 +33,8 @@ def run(args) -> int:
     from ...export.onnx import OnnxExportConfig, export_onnx
 
     cfg = OnnxExportConfig().merged({"policy": args.policy, "dtype": args.dtype, "max_context": args.max_context,
-                                     "logits": args.logits, "opset": args.opset, "validate": args.validate,
-                                     "tolerance": args.tolerance})
+                                     "logits": args.logits, "attention": args.attention, "opset": args.opset,
+                                     "validate": args.validate, "tolerance": args.tolerance})
     result = export_onnx(open_source(args), cfg, args.out, overwrite=args.overwrite,
                          progress=not getattr(args, "quiet", False))
     m = result.metrics

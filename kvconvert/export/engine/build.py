@@ -16,6 +16,7 @@ from ...io.hashing import file_sha256
 from .backend import import_backend, version
 from .config import RTX_TARGETS, EngineConfig
 from .profiles import Profile, engine_profiles
+from .standard import attention_mode, cache_update_aliases, check_standard_graph, decompose_attention, layer_counts
 
 log = logging.getLogger(__name__)
 PLAN_FILE = "model.plan"
@@ -110,15 +111,7 @@ def _current_gpu() -> list[str]:
     return []
 
 
-def export_engine(onnx_dir, cfg: EngineConfig, out, *, overwrite: bool = False, progress: bool = True) -> PassResult:
-    """Build `out/model.plan` from `onnx_dir` (a `kvconvert export onnx` folder). Writes kvconvert.json with the
-    TensorRT version, compute capabilities, profiles and the engine's I/O (names, dtypes, shapes, aliases)."""
-    onnx_dir = Path(onnx_dir)
-    meta = read_onnx_metadata(onnx_dir)
-    _check_graph(meta, onnx_dir)
-    profiles = engine_profiles(meta, cfg)
-    _check_config(cfg, meta)
-    trt = import_backend(cfg.backend)
+def _register_plugin(trt, cfg: EngineConfig, meta: dict[str, Any]) -> None:
     if cfg.plugin == "aot":
         from .plugin_aot import register_aot
 
@@ -127,10 +120,37 @@ def export_engine(onnx_dir, cfg: EngineConfig, out, *, overwrite: bool = False, 
         from .plugin import register
 
         register(trt)
+
+
+def export_engine(onnx_dir, cfg: EngineConfig, out, *, overwrite: bool = False, progress: bool = True) -> PassResult:
+    """Build `out/model.plan` from `onnx_dir` (a `kvconvert export onnx` folder). Writes kvconvert.json with the
+    TensorRT version, compute capabilities, profiles and the engine's I/O (names, dtypes, shapes, aliases)."""
+    onnx_dir = Path(onnx_dir)
+    meta = read_onnx_metadata(onnx_dir)
+    _check_graph(meta, onnx_dir)
+    profiles = engine_profiles(meta, cfg)
+    _check_config(cfg, meta)
+    standard = attention_mode(meta) == "standard"
+    if standard:
+        check_standard_graph(cfg, meta)
+    trt = import_backend(cfg.backend)
+    if not standard:
+        _register_plugin(trt, cfg, meta)
     t0 = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
     builder, network, _parser = _parse(trt, logger, onnx_dir / "model.onnx")
     io = _tensor_io(network)
+    num_layers = int(meta["num_layers"])
+    layers = layer_counts(network)
+    if standard:
+        aliases = cache_update_aliases(trt, network, num_layers)
+        if cfg.decompose_attention:
+            decompose_attention(trt, network)
+        plugin = {"mode": "none", "needs_python": False}
+    else:
+        aliases = {f"present_{k}_{i}": f"past_{k}_{i}" for i in range(num_layers) for k in ("key", "value")}
+        plugin = {"mode": cfg.plugin, "name": "KVAttention", "namespace": "kvconvert", "version": "1",
+                  "needs_python": cfg.plugin == "python"}
     bc, targets = _builder_config(trt, builder, cfg, profiles)
     plan = builder.build_serialized_network(network, bc)
     if plan is None:
@@ -138,14 +158,11 @@ def export_engine(onnx_dir, cfg: EngineConfig, out, *, overwrite: bool = False, 
     seconds = time.perf_counter() - t0
     parent = provenance.read(onnx_dir)
     record = provenance.new_record(parent["source"] if parent else {"spec": str(onnx_dir), "kind": "folder"}, parent)
-    num_layers = int(meta["num_layers"])
     engine = {
         "backend": cfg.backend, "tensorrt_version": version(trt), "module": trt.__name__,
         "compute_capabilities": targets or _current_gpu(), "plan": PLAN_FILE, "plan_bytes": int(plan.nbytes),
-        "plugin": {"mode": cfg.plugin, "name": "KVAttention", "namespace": "kvconvert", "version": "1",
-                   "needs_python": cfg.plugin == "python"},
-        "profiles": [p.as_dict() for p in profiles], "io": io,
-        "aliases": {f"present_{k}_{i}": f"past_{k}_{i}" for i in range(num_layers) for k in ("key", "value")},
+        "attention": attention_mode(meta), "plugin": plugin, "layers": layers,
+        "profiles": [p.as_dict() for p in profiles], "io": io, "aliases": aliases,
         "onnx": {"folder": str(onnx_dir.resolve()), "metadata": meta},
     }
     metrics = {"engine": {"build_seconds": round(seconds, 3), "plan_bytes": int(plan.nbytes)}}

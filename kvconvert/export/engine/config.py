@@ -18,7 +18,10 @@ class EngineConfig(StrictConfig):
     "tensorrt" (enterprise TensorRT: needs a GPU to build). `compute_capabilities`: TensorRT-RTX targets
     (None: SM80, SM86, SM89, SM120). `plugin`: "python" binds kvconvert::KVAttention to the Python IPluginV3
     (the engine runs where `kvconvert` registers it in-process); "aot" (enterprise TensorRT only) embeds the
-    Triton kernel's PTX so the engine loads in Triton's C++ TensorRT backend without Python.
+    Triton kernel's PTX so the engine loads in Triton's C++ TensorRT backend without Python. A standard-attention
+    export (`--attention standard`) has no plugin node: `plugin` is ignored and the plan needs no Python.
+    `decompose_attention`: let TensorRT build the ONNX Attention ops from unfused layers (needed for fp32, which
+    has no fused kernel; slower).
     """
 
     backend: Literal["tensorrt-rtx", "tensorrt"] = "tensorrt-rtx"
@@ -29,3 +32,4 @@ class EngineConfig(StrictConfig):
     compute_capabilities: list[str] | None = None
     plugin: Literal["python", "aot"] = "python"
     workspace_mb: int | None = None
+    decompose_attention: bool = False

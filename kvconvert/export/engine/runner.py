@@ -40,7 +40,7 @@ class Runner:
             from .plugin import register
 
             register(trt)
-        else:
+        elif self.eng["plugin"]["mode"] == "aot":
             from .plugin_aot import register_aot
 
             register_aot(trt, self.eng["onnx"]["metadata"])

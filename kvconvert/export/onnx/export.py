@@ -18,6 +18,8 @@ from .cache_layout import CacheLayout, cache_layout
 from .config import OnnxExportConfig
 from .graph import attach_metadata, save_and_check, trace_to_onnx
 from .policy import PolicyBinding, bind_policy
+from .standard_attention import RECORD as STANDARD_RECORD
+from .standard_attention import check_standard, lower_to_standard
 from .wrapper import DecoderStep
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -48,11 +50,12 @@ def graph_metadata(view: AttentionView, layout: CacheLayout, cfg: OnnxExportConf
         "num_layers": view.num_layers, "num_heads": view.num_heads, "num_kv_heads": view.num_kv_heads,
         "head_dim": view.head_dim, "hidden_size": view.hidden_size, "max_context": max_context,
         "dtype": cfg.dtype, "vocab_size": vocab_size, **tokens, "policy": policy.spec,
-        "policy_resolved": policy.resolved, "opset": cfg.opset,
+        "policy_resolved": policy.resolved, "opset": cfg.resolved_opset(),
         "logits": cfg.logits, "inputs": inputs, "outputs": outputs,
         "cache_layout": layout.describe(), "cache": cache, "kv_bytes_per_token": cache["bytes_per_token"], **latent,
-        "attention": {"domain": DOMAIN, "op_type": layout.op_type, "attributes": attributes[0],
-                      "per_layer": attributes},
+        "attention": {"mode": cfg.attention, **(STANDARD_RECORD if cfg.attention == "standard" else
+                                                {"domain": DOMAIN, "op_type": layout.op_type}),
+                      "attributes": attributes[0], "per_layer": attributes},
     }
 
 
@@ -69,6 +72,9 @@ def export_onnx(model: Any, cfg: OnnxExportConfig | None = None, out: str | Path
     if max_context < 2:
         raise UserError(f"--max-context {max_context} is too small; use at least 2")
     policy = bind_policy(cfg.policy, view, max_context)
+    opset = cfg.resolved_opset()
+    if cfg.attention == "standard":
+        check_standard(opset, policy.page_topk, policy.block_sparse, latent=layout.latent)
     dtype = TORCH_DTYPES[cfg.dtype]
     out = Path(out)
     started = time.perf_counter()
@@ -80,8 +86,10 @@ def export_onnx(model: Any, cfg: OnnxExportConfig | None = None, out: str | Path
         bar.update()
         bar.set_description("trace")
         step = DecoderStep(torch_model, view, layout, logits=cfg.logits, policy_attributes=policy.layer_attributes)
-        graph = trace_to_onnx(step, max_context, dtype, cfg.opset, tmp / "model.onnx", page_topk=policy.page_topk,
+        graph = trace_to_onnx(step, max_context, dtype, opset, tmp / "model.onnx", page_topk=policy.page_topk,
                               block_sparse=policy.block_sparse)
+        if cfg.attention == "standard":
+            lower_to_standard(graph, max_context)
         vocab = int(torch_model.get_output_embeddings().weight.shape[0])
         attach_metadata(graph, graph_metadata(view, layout, cfg, max_context, vocab,
                                               _special_tokens(source, config), step.attributes, policy))
@@ -113,7 +121,7 @@ def export_onnx(model: Any, cfg: OnnxExportConfig | None = None, out: str | Path
                                  f"{found['prefill_max_abs_diff']:.3g}, decode {found['decode_max_abs_diff']:.3g})")
         bar.close()
         record = provenance.new_record(source.provenance(), provenance.read(source.path))
-        provenance.add_pass(record, "export_onnx", {**cfg.model_dump(), "max_context": max_context},
+        provenance.add_pass(record, "export_onnx", {**cfg.model_dump(), "max_context": max_context, "opset": opset},
                             time.perf_counter() - started, {"onnx": metrics})
         provenance.write(tmp, record)
     return PassResult(out=out.resolve(), metrics=metrics, record=record)

@@ -7,6 +7,13 @@ from typing import Any
 from .config import TritonRepoConfig
 
 
+_NO_PYTHON = {
+    "aot": "The plugin is embedded (AOT PTX); no Python is needed to load it.\n",
+    "none": "The plan has no plugin (standard ONNX Attention and TensorScatter became TensorRT's attention and "
+            "KV-cache-update layers); Triton's C++ TensorRT backend loads it as is.\n",
+}
+
+
 def readme_text(cfg: TritonRepoConfig, models: dict[str, Any], eng: dict[str, Any] | None) -> str:
     gen = f"{cfg.name}_generate"
     rows = "\n".join(f"| `{n}` | {', '.join(f'{k}={v}' for k, v in m.items())} |" for n, m in models.items())
@@ -22,7 +29,7 @@ request of a sequence with the same `sequence_id`, `sequence_start` on the first
 """ + (f"""The KVAttention plugin of this plan is the Python IPluginV3 (`plugin: python`): Triton's C++ TensorRT
 backend cannot load it. Serve through `{gen}` in engine mode from a Python process that imported kvconvert, or
 rebuild with enterprise TensorRT and `--plugin aot` (the kernel's PTX is embedded; no Python needed).
-""" if plugin["needs_python"] else "The plugin is embedded (AOT PTX); no Python is needed to load it.\n")
+""" if plugin["needs_python"] else _NO_PYTHON[plugin["mode"]])
     return f"""# Triton model repository (kvconvert)
 
 | model | |
