@@ -197,3 +197,11 @@ def test_triton_repository_from_latent_onnx_runs_onnxruntime(latent_onnx, tmp_pa
     assert (version / "model.onnx").is_file() and not (tmp_path / "repo" / "lat").exists()
     text = (tmp_path / "repo" / "lat_generate" / "config.pbtxt").read_text()
     assert "onnxruntime" in text
+
+
+def test_standard_attention_refuses_latent_model(latent_folder, tmp_path, cli):
+    """Standard ONNX Attention would cache full K/V: a latent model asks for KVLatentAttention instead."""
+    code, _, err = cli("export", "onnx", str(latent_folder("qwen2")), "--attention", "standard", "--out",
+                       tmp_path / "o", "--no-validate")
+    assert code == 2 and "latent-KV model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

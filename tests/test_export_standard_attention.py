@@ -17,7 +17,6 @@ from kvconvert.errors import PassFailed, UserError
 from kvconvert.export.onnx import OnnxExportConfig, OrtGenerator, export_onnx
 from kvconvert.export.onnx.attention_op import DOMAIN, kv_attention_reference, node_attributes
 from kvconvert.export.onnx.function_body import INPUTS, OUTPUTS
-from kvconvert.export.onnx.graph import io_names
 from kvconvert.export.onnx.standard_attention import lower_to_standard
 from kvconvert.models import gqa_capable_model_types, registered_model_types
 
@@ -61,7 +60,9 @@ def test_standard_export_matches_transformers(tiny_folder, tmp_path, model_type)
     assert not any(n.domain == DOMAIN for n in graph.node) and not model.functions
     assert {o.domain for o in model.opset_import} == {""} and model.opset_import[0].version == 24
     assert ops.count("Attention") == meta["num_layers"] and ops.count("TensorScatter") == 2 * meta["num_layers"]
-    inputs, outputs = io_names(meta["num_layers"])
+    layers = range(meta["num_layers"])
+    inputs = ["input_ids", "position_ids", "cache_length"] + [f"past_{k}_{i}" for i in layers for k in ("key", "value")]
+    outputs = ["logits"] + [f"present_{k}_{i}" for i in layers for k in ("key", "value")]
     assert [v.name for v in graph.input] == inputs and [v.name for v in graph.output] == outputs
     assert meta["attention"]["mode"] == "standard" and meta["attention"]["op_type"] == "Attention"
     assert meta["opset"] == 24 and res.record["passes"][-1]["params"]["opset"] == 24

@@ -41,9 +41,9 @@ def read_onnx_metadata(onnx_dir: Path) -> dict[str, Any]:
 
 
 def _check_graph(meta: dict[str, Any], onnx_dir: Path) -> None:
-    """Only KVAttention graphs have a plugin; a latent-KV graph (KVLatentAttention) is refused."""
+    """KVAttention graphs (our plugin) and standard-op graphs build; a latent-KV graph (KVLatentAttention) is refused."""
     op_type = meta.get("attention", {}).get("op_type", "KVAttention")
-    if op_type != "KVAttention":
+    if op_type == "KVLatentAttention":
         raise UserError(f"{onnx_dir} is a latent-KV graph (kvconvert::{op_type}); no TensorRT plugin exists for it "
                         "yet: run it with ONNX Runtime (OrtGenerator, or kvconvert export triton on the ONNX folder)")
 
