@@ -59,7 +59,6 @@ def test_rtx_engine_builds_with_plugin_and_stamps(request, tmp_path, which):
 
 
 @needs_rtx
-@needs_rtx
 @pytest.mark.smollm2
 @pytest.mark.slow
 def test_rtx_engine_builds_for_smollm2(smollm2_onnx, tmp_path):
@@ -74,6 +73,27 @@ def test_rtx_engine_builds_for_smollm2(smollm2_onnx, tmp_path):
     assert all(eng["aliases"][f"present_value_{i}"] == f"past_value_{i}" for i in range(30))
     ins, outs = _onnx_io(smollm2_onnx.out)
     assert {t["name"] for t in eng["io"]["inputs"]} == ins and {t["name"] for t in eng["io"]["outputs"]} == outs
+
+
+@needs_rtx
+@pytest.mark.smollm2
+@pytest.mark.slow
+def test_rtx_engine_builds_for_smollm2_with_sparse_policy(smollm2_source, tmp_path):
+    """The real model with a sink + window decode policy: every layer's sparse KVAttention bound to the plugin."""
+    from kvconvert.export.engine import EngineConfig, export_engine
+    from kvconvert.export.onnx import OnnxExportConfig, export_onnx
+
+    onnx_dir = export_onnx(smollm2_source, OnnxExportConfig(max_context=96, dtype="fp16", validate=False,
+                                                            policy="sink_window:sink=4,window=32"),
+                           tmp_path / "onnx", progress=False).out
+    export_engine(onnx_dir, EngineConfig(max_batch=1, opt_prefill=16, max_prefill=64), tmp_path / "eng")
+    eng = json.loads((tmp_path / "eng" / "kvconvert.json").read_text())["engine"]
+    assert eng["plugin"]["name"] == "KVAttention" and eng["plugin"]["needs_python"]
+    per_layer = eng["onnx"]["metadata"]["attention"]["per_layer"]
+    assert len(per_layer) == 30 and all(a["policy_decode"] == "sink_window" and a["policy_decode_window"] == 32
+                                        for a in per_layer)
+    assert all(eng["aliases"][f"present_key_{i}"] == f"past_key_{i}" for i in range(30))
+    assert (tmp_path / "eng" / "model.plan").stat().st_size > 1_000_000
 
 
 def test_plugin_receives_the_node_attributes(tiny_onnx_sparse, tmp_path, monkeypatch):

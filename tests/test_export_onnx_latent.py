@@ -49,6 +49,8 @@ def _dims(value_info):
     ("qwen3", True, 0.5, 24),    # QK-norm (k_norm inside the op), one joint latent, TensorScatter
     ("gemma2", False, 0.5, 17),  # sliding-window layers and attention soft-capping
     ("llama", False, 1.0, 17),   # full rank
+    ("phi3", True, 0.5, 17),     # fused qkv_proj base, joint latent
+    ("gemma", False, 0.5, 24),   # scaled embeddings, gelu MLP
 ])
 def test_latent_export_matches_latent_model(latent_folder, tmp_path, model_type, joint, kv_ratio, opset):
     src = latent_folder(model_type, joint, kv_ratio)
@@ -152,6 +154,27 @@ def test_page_topk_policy_on_latent_equals_sparse_reference(latent_folder, tmp_p
     step_logits, _ = gen.step(np.array([[5]]), np.array([[90]]), np.array([90]), cache)
     dense = kvconvert.load_latent(src)(torch.from_numpy(np.concatenate([ids, [[5]]], 1))).logits[:, -1]
     assert np.abs(step_logits[:, -1] - dense.detach().numpy()).max() > 1e-3  # pages were really skipped
+
+
+def test_block_sparse_prefill_policy_on_latent_equals_sparse_reference(latent_folder, tmp_path):
+    src = latent_folder("qwen2")
+    cfg = OnnxExportConfig(max_context=256, policy="block_sparse_prefill:tile=64,density=0.5,dense_below=128",
+                           validate_decode_steps=1)
+    result = export_onnx(str(src), cfg, tmp_path / "bs", progress=False)
+    v = result.metrics["validation"]
+    assert v["prompt_len"] >= 192 and v["max_abs_diff"] <= 1e-4, v
+    gen = OrtGenerator(result.out)
+    ids = (np.arange(200) * 11 % 150 + 3)[None]
+    logits, _ = gen.step(ids, np.arange(200)[None], np.array([0]), gen.empty_cache(1))
+    dense = kvconvert.load_latent(src)(torch.from_numpy(ids)).logits.detach().numpy()
+    assert np.abs(logits - dense).max() > 1e-3  # key blocks were really skipped
+
+
+def test_fp16_latent_export_validates(latent_folder, tmp_path):
+    result = export_onnx(str(latent_folder("qwen2")), OnnxExportConfig(max_context=MAX_CONTEXT, dtype="fp16"),
+                         tmp_path / "h", progress=False)
+    v = result.metrics["validation"]
+    assert v["passed"] and v["scaled_max_abs_diff"] <= 5e-2, v
 
 
 def test_wrong_latent_body_fails_validation(latent_folder, tmp_path, monkeypatch):
