@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..config import StrictConfig
 from ..errors import UserError
+from ..runtime.cache_io import cache_of, with_cache
 from ..runtime.placement import input_device
 from ..runtime.sparse.policies import DensePolicy, PageTopKPolicy, SparsePolicy, parse_policy_spec
 
@@ -74,14 +75,14 @@ def _check(model, cfg: NeedleConfig, policies: list[SparsePolicy]) -> None:
 def _answer(model, cache, question: list[int], max_new: int, device) -> list[int]:
     out = None
     for t in question:
-        out = model(torch.tensor([[t]], device=device), past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(torch.tensor([[t]], device=device), **with_cache(model, cache), use_cache=True)
+        cache = cache_of(out)
     tokens = []
     for _ in range(max_new):
         nxt = int(out.logits[0, -1].argmax())
         tokens.append(nxt)
-        out = model(torch.tensor([[nxt]], device=device), past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(torch.tensor([[nxt]], device=device), **with_cache(model, cache), use_cache=True)
+        cache = cache_of(out)
     return tokens
 
 
@@ -119,7 +120,7 @@ def run_needle(model, tokenizer, cfg: NeedleConfig, policies=(), progress: bool 
                 if isinstance(pol.prefill, DensePolicy) and dense_cache is not None:
                     cache = copy.deepcopy(dense_cache)
                 else:
-                    cache = model(hay_t, use_cache=True).past_key_values
+                    cache = cache_of(model(hay_t, use_cache=True))
                     if isinstance(pol.prefill, DensePolicy):
                         dense_cache = copy.deepcopy(cache)
                 tokens = _answer(model, cache, question, cfg.max_new_tokens, device)

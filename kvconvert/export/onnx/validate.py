@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...runtime.cache_io import cache_of, with_cache
 from .ort_generate import OrtGenerator
 
 
@@ -33,7 +34,7 @@ def compare_with_torch(folder: Path, model: torch.nn.Module, *, prompt_len: int,
     ctx = reference or contextlib.nullcontext
     with ctx():
         out = model(input_ids=ids, use_cache=True)
-    ref_logits, past = out.logits, out.past_key_values
+    ref_logits, past = out.logits, cache_of(out)
     cache = gen.empty_cache(batch)
     pos = np.broadcast_to(np.arange(prompt_len), (batch, prompt_len))
     logits, cache = gen.step(ids.numpy(), pos, np.zeros(batch, np.int64), cache)
@@ -45,9 +46,9 @@ def compare_with_torch(folder: Path, model: torch.nn.Module, *, prompt_len: int,
     for t in range(decode_steps):
         length = prompt_len + t
         with ctx():
-            out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True,
+            out = model(input_ids=nxt[:, None], **with_cache(model, past), use_cache=True,
                         position_ids=torch.full((batch, 1), length))
-        past = out.past_key_values
+        past = cache_of(out)
         logits, cache = gen.step(nxt[:, None].numpy(), np.full((batch, 1), length), np.full(batch, length), cache)
         decode = max(decode, float(np.abs(logits.astype(np.float32) - _np(out.logits)).max()))
         agree = agree and bool((logits[:, -1].argmax(-1) == _np(out.logits[:, -1]).argmax(-1)).all())
