@@ -128,13 +128,18 @@ def test_ort_greedy_equals_latent_generate(latent_folder, tmp_path, model_type, 
         assert np.abs(cache[0][:, :, :3]).sum() > 0 and np.abs(cache[0][:, :, 3:]).sum() == 0
 
 
+def _policy_export(src, out, policy, min_prompt, **cfg) -> OrtGenerator:
+    """Export `src` under `policy`; the built-in validation against the sparse PyTorch model must pass on a prompt
+    long enough for the policy to act."""
+    result = export_onnx(str(src), OnnxExportConfig(policy=policy, **cfg), out, progress=False)
+    v = result.metrics["validation"]
+    assert v["prompt_len"] >= min_prompt and v["max_abs_diff"] <= 1e-4, v
+    return OrtGenerator(result.out)
+
+
 def test_sink_window_policy_on_latent_equals_sparse_reference(latent_folder, tmp_path):
     src = latent_folder("qwen2")
-    cfg = OnnxExportConfig(max_context=MAX_CONTEXT, policy="sink_window:sink=2,window=4")
-    result = export_onnx(str(src), cfg, tmp_path / "sw", progress=False)
-    assert result.metrics["validation"]["max_abs_diff"] <= 1e-4
-    assert result.metrics["validation"]["prompt_len"] >= 10
-    gen = OrtGenerator(result.out)
+    gen = _policy_export(src, tmp_path / "sw", "sink_window:sink=2,window=4", 10, max_context=MAX_CONTEXT)
     ids = np.arange(3, 15)[None]
     logits, _ = gen.step(ids, np.arange(12)[None], np.array([0]), gen.empty_cache(1))
     dense = kvconvert.load_latent(src)(torch.from_numpy(ids)).logits.detach().numpy()
@@ -143,12 +148,8 @@ def test_sink_window_policy_on_latent_equals_sparse_reference(latent_folder, tmp
 
 def test_page_topk_policy_on_latent_equals_sparse_reference(latent_folder, tmp_path):
     src = latent_folder("qwen3", True)
-    cfg = OnnxExportConfig(max_context=128, policy="page_topk:page=16,keep=0.25,dense_below=64",
-                           validate_decode_steps=2)
-    result = export_onnx(str(src), cfg, tmp_path / "pt", progress=False)
-    v = result.metrics["validation"]
-    assert v["prompt_len"] >= 64 and v["max_abs_diff"] <= 1e-4, v
-    gen = OrtGenerator(result.out)
+    gen = _policy_export(src, tmp_path / "pt", "page_topk:page=16,keep=0.25,dense_below=64", 64, max_context=128,
+                         validate_decode_steps=2)
     ids = (np.arange(90) * 7 % 150 + 3)[None]
     _, cache = gen.step(ids, np.arange(90)[None], np.array([0]), gen.empty_cache(1))
     step_logits, _ = gen.step(np.array([[5]]), np.array([[90]]), np.array([90]), cache)
@@ -158,12 +159,8 @@ def test_page_topk_policy_on_latent_equals_sparse_reference(latent_folder, tmp_p
 
 def test_block_sparse_prefill_policy_on_latent_equals_sparse_reference(latent_folder, tmp_path):
     src = latent_folder("qwen2")
-    cfg = OnnxExportConfig(max_context=256, policy="block_sparse_prefill:tile=64,density=0.5,dense_below=128",
-                           validate_decode_steps=1)
-    result = export_onnx(str(src), cfg, tmp_path / "bs", progress=False)
-    v = result.metrics["validation"]
-    assert v["prompt_len"] >= 192 and v["max_abs_diff"] <= 1e-4, v
-    gen = OrtGenerator(result.out)
+    gen = _policy_export(src, tmp_path / "bs", "block_sparse_prefill:tile=64,density=0.5,dense_below=128", 192,
+                         max_context=256, validate_decode_steps=1)
     ids = (np.arange(200) * 11 % 150 + 3)[None]
     logits, _ = gen.step(ids, np.arange(200)[None], np.array([0]), gen.empty_cache(1))
     dense = kvconvert.load_latent(src)(torch.from_numpy(ids)).logits.detach().numpy()
