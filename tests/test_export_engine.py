@@ -183,3 +183,38 @@ def test_runner_refuses_a_plan_from_another_tensorrt_version(tiny_onnx, tmp_path
     rec_path.write_text(json.dumps(rec))
     with pytest.raises(UserError, match="built with"):
         Runner(tmp_path / "eng")
+
+
+@pytest.mark.gpu
+@needs_rtx
+@pytest.mark.parametrize("which", ["tiny_onnx", "tiny_onnx_sparse"])
+def test_plugin_step_equals_reference_step(request, tmp_path, which):
+    """Needs an SM80/86/89/120 GPU; not run on our machines. Inside the engine, the plugin's kernels (prefill, then
+    decode steps on ragged rows) give the logits and cache buffers ONNX Runtime gives with the function body."""
+    import numpy as np
+    import torch
+
+    from kvconvert.export.engine import EngineConfig, Runner, export_engine
+    from kvconvert.export.onnx.ort_generate import OrtGenerator
+
+    onnx_dir = request.getfixturevalue(which)
+    export_engine(onnx_dir, EngineConfig(max_batch=2, opt_prefill=8), tmp_path / "eng")
+    ort, eng = OrtGenerator(onnx_dir, providers=["CPUExecutionProvider"]), Runner(tmp_path / "eng")
+    ort_cache, eng_cache = ort.empty_cache(2), eng.empty_cache(2)
+    ids = np.array([[5, 9, 11, 3, 7, 2], [40, 2, 17, 8, 0, 0]])
+    lengths = np.array([6, 4])
+    steps = [(ids, np.broadcast_to(np.arange(6), (2, 6)), np.zeros(2, np.int64))]
+    steps += [(np.array([[12 + t], [30 + t]]), (lengths + t)[:, None], lengths + t) for t in range(3)]
+    tol = 1e-3 if ort.meta["dtype"] == "fp32" else 3e-2
+    for step_ids, pos, cache_length in steps:
+        want, ort_cache = ort.step(step_ids, pos, cache_length, ort_cache)
+        cuda = [torch.from_numpy(np.ascontiguousarray(a)).cuda() for a in (step_ids, pos, cache_length)]
+        got = eng.step(*cuda, eng_cache).float().cpu().numpy()
+        rows = lengths if step_ids.shape[1] > 1 else np.ones(2, np.int64)
+        for b, n in enumerate(rows):  # padded prompt slots are never attended, their logits are free
+            scale = max(1.0, float(np.abs(want[b, :n]).max()))
+            assert np.abs(got[b, :n] - want[b, :n].astype(np.float32)).max() / scale <= tol
+    for mine, ref in zip(eng_cache, ort_cache):
+        for b, n in enumerate(lengths + 3):
+            torch.testing.assert_close(mine[b, :, :n].float().cpu(), torch.from_numpy(ref[b, :, :n]).float(),
+                                       rtol=tol, atol=tol)
