@@ -129,3 +129,15 @@ def test_max_memory_flag_must_be_dev_equals_size(cli, tiny_folder, tmp_path):
     code, _, err = cli("mha-to-gqa", str(tiny_folder("llama", 2)), "--groups", "1", "--method", "calibrated",
                        "--device-map", "auto", "--max-memory", "lots", "--out", str(tmp_path / "o"))
     assert code == 2 and "--max-memory" in err and not (tmp_path / "o").exists()
+
+
+def test_reference_larger_than_ram_is_refused_with_the_offload_hint(cli, tiny_folder, tmp_path, monkeypatch):
+    import kvconvert.convert.placement as placement
+
+    monkeypatch.setattr(placement, "available_ram", lambda: 1000)
+    code, _, err = cli("mha-to-gqa", str(tiny_folder("llama", 2)), "--groups", "1", "--method", "calibrated",
+                       "--heal-steps", "2", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--device-map auto" in err and "fp32 student" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    spread = _convert(tiny_folder("llama", 2), tmp_path / "ok", 1, placement={"device_map": "auto"})
+    assert spread.metrics["fit"]["calibration_tokens"] > 0

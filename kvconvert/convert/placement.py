@@ -16,6 +16,7 @@ from typing import Literal
 from ..config import StrictConfig
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 class PlacementConfig(StrictConfig):
@@ -43,3 +44,35 @@ def load_reference(source, cfg: PlacementConfig) -> Iterator:
         folder = cfg.offload_folder or stack.enter_context(tempfile.TemporaryDirectory(prefix="kvconvert-offload-"))
         max_memory = {int(k) if k.isdigit() else k: v for k, v in (cfg.max_memory or {}).items()} or None
         yield source.load_model(dtype, device_map=cfg.device_map, max_memory=max_memory, offload_folder=folder)
+
+
+def available_ram() -> int | None:
+    """MemAvailable of this machine in bytes (None where /proc/meminfo does not exist)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits_in_ram(parameters: int, cfg: PlacementConfig, student: bool) -> None:
+    """UserError, before anything is loaded, when the reference (and a fp32 student to heal) cannot fit in RAM.
+
+    Only for a reference on the CPU without a device map; a dispatched or GPU reference is accelerate's to place.
+    """
+    from ..errors import UserError
+
+    if cfg.device_map is not None or cfg.device != "cpu":
+        return
+    free = available_ram()
+    need = parameters * DTYPE_BYTES[cfg.dtype] + (parameters * 4 if student else 0)
+    if free is None or need <= free:
+        return
+    what = f"the reference model ({cfg.dtype})" + (" plus the fp32 student being healed" if student else "")
+    hint = ("pass --device-map auto (accelerate offloads the reference to GPUs / disk)"
+            + (", --reference-dtype bf16" if cfg.dtype == "fp32" else "")
+            + (", or heal on a GPU machine" if student else ""))
+    raise UserError(f"{what} needs {need / 2**30:.1f} GiB of RAM but {free / 2**30:.1f} GiB is available; {hint}")
