@@ -183,3 +183,13 @@ def test_fisher_equals_outer_products_of_plain_autograd_gradients():
     for i in range(view.num_layers):
         g = torch.cat([outs[(i, "k")].grad, outs[(i, "v")].grad], dim=-1)[0].double()
         torch.testing.assert_close(fishers[i], g.T @ g / n)
+
+
+def test_fit_latent_larger_than_ram_is_refused_up_front(tiny_folder, tmp_path, cli, monkeypatch):
+    import kvconvert.convert.placement as placement
+
+    monkeypatch.setattr(placement, "available_ram", lambda: 1000)
+    code, _, err = cli("fit-latent", str(tiny_folder("llama")), "--kv-ratio", "0.5", "--out", str(tmp_path / "o"))
+    line = err.strip().splitlines()[-1]  # (the tiny model's own writing progress may come first)
+    assert code == 2 and line.startswith("kvconvert: error:") and "GiB of RAM" in line and "more memory" in line
+    assert not (tmp_path / "o").exists()

@@ -71,6 +71,10 @@ def fit_latent(model, cfg: LatentConfig, out, *, overwrite: bool = False, calib=
     view = describe(config)
     _check_input(view, cfg)
     check_target(Path(out), overwrite, (source.path,))
+    from .placement import PlacementConfig, check_fits_in_ram
+
+    check_fits_in_ram(source.reader().num_parameters(), PlacementConfig(), student=True,
+                      hint="fit-latent holds both in RAM on the CPU: use a machine with more memory")
     tokenizer = source.load_tokenizer()
     batches = [b for b in iterate(calib)] if calib is not None else calibration_batches(tokenizer, cfg.calib)
     if not batches:

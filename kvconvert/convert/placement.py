@@ -38,7 +38,7 @@ def load_reference(source, cfg: PlacementConfig) -> Iterator:
 
     dtype = getattr(torch, DTYPES[cfg.dtype])
     if cfg.device_map is None:
-        yield source.load_model(dtype).to(cfg.device)
+        yield source.load_model(dtype, device_map=None if cfg.device == "cpu" else cfg.device)
         return
     with contextlib.ExitStack() as stack:
         folder = cfg.offload_folder or stack.enter_context(tempfile.TemporaryDirectory(prefix="kvconvert-offload-"))
@@ -58,8 +58,8 @@ def available_ram() -> int | None:
     return None
 
 
-def check_fits_in_ram(parameters: int, cfg: PlacementConfig, student: bool) -> None:
-    """UserError, before anything is loaded, when the reference (and a fp32 student to heal) cannot fit in RAM.
+def check_fits_in_ram(parameters: int, cfg: PlacementConfig, student: bool, hint: str | None = None) -> None:
+    """UserError, before anything is loaded, when the reference (and a fp32 student) cannot fit in RAM.
 
     Only for a reference on the CPU without a device map; a dispatched or GPU reference is accelerate's to place.
     """
@@ -71,8 +71,9 @@ def check_fits_in_ram(parameters: int, cfg: PlacementConfig, student: bool) -> N
     need = parameters * DTYPE_BYTES[cfg.dtype] + (parameters * 4 if student else 0)
     if free is None or need <= free:
         return
-    what = f"the reference model ({cfg.dtype})" + (" plus the fp32 student being healed" if student else "")
-    hint = ("pass --device-map auto (accelerate offloads the reference to GPUs / disk)"
-            + (", --reference-dtype bf16" if cfg.dtype == "fp32" else "")
-            + (", or heal on a GPU machine" if student else ""))
+    what = f"the reference model ({cfg.dtype})" + (" plus the fp32 student" if student else "")
+    if hint is None:
+        hint = ("pass --device-map auto (accelerate offloads the reference to GPUs / disk)"
+                + (", --reference-dtype bf16" if cfg.dtype == "fp32" else "")
+                + (", or heal on a GPU machine" if student else ""))
     raise UserError(f"{what} needs {need / 2**30:.1f} GiB of RAM but {free / 2**30:.1f} GiB is available; {hint}")
