@@ -86,6 +86,26 @@ def smollm2_onnx_standard(smollm2_source, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_onnx_export(tiny_folder, tmp_path_factory):
+    """tiny_onnx_export(**OnnxExportConfig fields) -> folder of the tiny GQA llama exported with them (32-slot
+    cache, not validated; cached per session)."""
+    cache = {}
+
+    def make(**fields):
+        from kvconvert.export.onnx import OnnxExportConfig, export_onnx
+
+        key = tuple(sorted(fields.items()))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("onnx") / "tiny"
+            export_onnx(tiny_folder("llama", 2), OnnxExportConfig(max_context=32, validate=False, **fields), out,
+                        progress=False)
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_tok():
     return tiny_tokenizer()
 

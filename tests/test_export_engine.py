@@ -10,22 +10,13 @@ needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="tensorrt-rtx-cu13 not instal
 
 
 @pytest.fixture(scope="module")
-def tiny_onnx(tiny_folder, tmp_path_factory):
-    from kvconvert.export.onnx import OnnxExportConfig, export_onnx
-
-    out = tmp_path_factory.mktemp("onnx") / "tiny"
-    export_onnx(tiny_folder("llama", 2), OnnxExportConfig(max_context=32, validate=False), out)
-    return out
+def tiny_onnx(tiny_onnx_export):
+    return tiny_onnx_export()
 
 
 @pytest.fixture(scope="module")
-def tiny_onnx_sparse(tiny_folder, tmp_path_factory):
-    from kvconvert.export.onnx import OnnxExportConfig, export_onnx
-
-    out = tmp_path_factory.mktemp("onnx") / "tiny_sparse"
-    export_onnx(tiny_folder("llama", 2), OnnxExportConfig(max_context=32, validate=False, dtype="fp16",
-                                                           policy="sink_window:sink=2,window=8"), out)
-    return out
+def tiny_onnx_sparse(tiny_onnx_export):
+    return tiny_onnx_export(dtype="fp16", policy="sink_window:sink=2,window=8")
 
 
 def _onnx_io(folder):

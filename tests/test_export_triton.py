@@ -14,22 +14,13 @@ ONNX_TO_TRT = {1: "FLOAT", 10: "HALF", 16: "BF16", 7: "INT64"}
 
 
 @pytest.fixture(scope="module")
-def tiny_onnx(tiny_folder, tmp_path_factory):
-    from kvconvert.export.onnx import OnnxExportConfig, export_onnx
-
-    out = tmp_path_factory.mktemp("onnx") / "tiny"
-    export_onnx(tiny_folder("llama", 2), OnnxExportConfig(max_context=32, validate=False, dtype="fp16"), out)
-    return out
+def tiny_onnx(tiny_onnx_export):
+    return tiny_onnx_export(dtype="fp16")
 
 
 @pytest.fixture(scope="module")
-def tiny_onnx_standard(tiny_folder, tmp_path_factory):
-    from kvconvert.export.onnx import OnnxExportConfig, export_onnx
-
-    out = tmp_path_factory.mktemp("onnx") / "tiny_standard"
-    export_onnx(tiny_folder("llama", 2), OnnxExportConfig(max_context=32, validate=False, dtype="fp16",
-                                                           attention="standard"), out)
-    return out
+def tiny_onnx_standard(tiny_onnx_export):
+    return tiny_onnx_export(dtype="fp16", attention="standard")
 
 
 def parse_config(path):
