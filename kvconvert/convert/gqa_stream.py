@@ -2,8 +2,8 @@
 
 Tensors the conversion leaves alone are not decoded at all: their bytes are copied file to file
 (`ShardedWriter.add_slice`), and a new output shard starts with each source shard (split further only where
-it exceeds the shard size), so every copy keeps its source page offset. Peak memory is about one output shard of converted tensors plus the tensor
-being converted, whatever the model size.
+it exceeds the shard size), so every copy keeps its source page offset. Peak memory is about one output shard
+of converted tensors plus the tensor being converted, whatever the model size.
 """
 
 from __future__ import annotations

@@ -35,10 +35,17 @@ def _blake3(path: Path) -> str:
     with open(path, "rb") as f:  # mapped a window at a time: no copy into Python, RSS bounded by one window
         for offset in range(0, size, WINDOW):
             n = min(WINDOW, size - offset)
-            with mmap.mmap(f.fileno(), n, offset=offset, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                           prot=mmap.PROT_READ) as window:
+            with _map(f, offset, n) as window:
                 h.update(window)
     return h.hexdigest()
+
+
+def _map(f, offset: int, n: int) -> mmap.mmap:
+    """A read-only map of n bytes at offset, prefaulted in one call where the OS can (Linux MAP_POPULATE)."""
+    if hasattr(mmap, "MAP_POPULATE"):
+        return mmap.mmap(f.fileno(), n, offset=offset, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                         prot=mmap.PROT_READ)
+    return mmap.mmap(f.fileno(), n, offset=offset, access=mmap.ACCESS_READ)
 
 
 def _sha256(path: Path) -> str:
