@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from typing import Literal
 
 from ..config import StrictConfig
+from ..models import dtype_bytes
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 class PlacementConfig(StrictConfig):
@@ -68,7 +68,7 @@ def check_fits_in_ram(parameters: int, cfg: PlacementConfig, student: bool, hint
     if cfg.device_map is not None or cfg.device != "cpu":
         return
     free = available_ram()
-    need = parameters * DTYPE_BYTES[cfg.dtype] + (parameters * 4 if student else 0)
+    need = parameters * dtype_bytes(cfg.dtype) + (parameters * 4 if student else 0)
     if free is None or need <= free:
         return
     what = f"the reference model ({cfg.dtype})" + (" plus the fp32 student" if student else "")

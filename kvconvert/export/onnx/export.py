@@ -12,7 +12,7 @@ import torch
 from ...errors import PassFailed, UserError
 from ...io import PassResult, atomic_output_dir, copy_side_files, provenance, resolve_source
 from ...io.sources import ModelSource
-from ...models import AttentionView, describe
+from ...models import AttentionView, describe, dtype_bytes
 from .attention_op import DOMAIN
 from .cache_layout import CacheLayout, cache_layout
 from .config import OnnxExportConfig
@@ -23,7 +23,6 @@ from .standard_attention import check_standard, lower_to_standard
 from .wrapper import DecoderStep
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 DEFAULT_MAX_CONTEXT = 4096
 
 
@@ -42,7 +41,7 @@ def graph_metadata(view: AttentionView, layout: CacheLayout, cfg: OnnxExportConf
                    policy: PolicyBinding) -> dict[str, Any]:
     """The `kvconvert` metadata_props JSON (INTERFACES.md); `cache` lists the buffers (names, heads, widths)."""
     inputs, outputs = layout.io_names()
-    cache = layout.metadata(DTYPE_BYTES[cfg.dtype])
+    cache = layout.metadata(dtype_bytes(cfg.dtype))
     latent = {"latent": {"joint_kv": layout.kind == "joint_latent", "kv_widths": [list(w) for w in view.widths()]}} \
         if layout.latent else {}
     return {
