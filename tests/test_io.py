@@ -97,6 +97,9 @@ def test_pickle_only_with_flag(tmp_path):
     src = resolve_source(tmp_path, allow_pickle=True)
     tensors = dict(src.reader().iter_tensors())
     assert torch.equal(tensors["lm_head.weight"], model.state_dict()["lm_head.weight"])
+    reader = src.reader()
+    for name in ("model.layers.0.self_attn.k_proj.weight", "lm_head.weight"):
+        assert torch.equal(reader.get(name), model.state_dict()[name])
 
 
 def test_truncated_safetensors_is_reported(tmp_path, tiny_folder):

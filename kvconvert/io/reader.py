@@ -17,6 +17,7 @@ class CheckpointReader:
         self.files = files
         self.format = fmt
         self._index: dict[str, Path] | None = None
+        self._pickled: tuple[Path, dict[str, torch.Tensor]] | None = None
 
     def names_by_file(self) -> dict[Path, list[str]]:
         if self.format != "safetensors":
@@ -61,7 +62,9 @@ class CheckpointReader:
 
             with safe_open(str(f), framework="pt") as sf:
                 return sf.get_tensor(name)
-        return _load_pickle(f)[name]
+        if self._pickled is None or self._pickled[0] != f:  # a pickle shard is parsed whole: keep the last one
+            self._pickled = (f, _load_pickle(f))
+        return self._pickled[1][name]
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
