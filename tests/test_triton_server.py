@@ -2,7 +2,10 @@
 
 import importlib.util
 import queue
+import re
+import statistics
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -24,37 +27,58 @@ def start_server(repo):
     return TritonServer(repo).start()
 
 
-def stream_generate(url, inputs: dict, request_id="1"):
-    """-> (token ids, text, error message or None) of one streamed request."""
-    import tritonclient.grpc as grpcclient
+class Stream:
+    """One streamed request on its own gRPC stream: .tokens, .text, .error, .final (the final response came),
+    .ttft (seconds from sending to the first token)."""
 
-    client = grpcclient.InferenceServerClient(url)
-    responses = queue.Queue()
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    tensors = []
-    for name, (dtype, value) in inputs.items():
-        t = grpcclient.InferInput(name, list(value.shape), dtype)
-        t.set_data_from_numpy(value)
-        tensors.append(t)
-    client.async_stream_infer("m_generate", tensors, request_id=request_id, enable_empty_final_response=True)
-    tokens, text, error = [], "", None
-    try:
-        while True:
-            try:  # after an error the final flag may or may not follow (server-side vs model-side errors)
-                result, err = responses.get(timeout=5 if error else 120)
+    def __init__(self, url, inputs: dict, request_id="1"):
+        import tritonclient.grpc as grpcclient
+
+        self.tokens, self.text, self.error, self.final, self.ttft = [], "", None, False, None
+        self.events = []
+        self.client = grpcclient.InferenceServerClient(url)
+        self.responses = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+        tensors = []
+        for name, (dtype, value) in inputs.items():
+            t = grpcclient.InferInput(name, list(value.shape), dtype)
+            t.set_data_from_numpy(value)
+            tensors.append(t)
+        self.t0 = time.perf_counter()
+        self.client.async_stream_infer("m_generate", tensors, request_id=request_id, enable_empty_final_response=True)
+
+    def read(self, tokens=None, timeout=120):
+        """Take responses until the final one (or `tokens` tokens); an error without a final response (Triton's
+        own rejections, e.g. a wrong dtype) ends after 5 s."""
+        while not self.final and (tokens is None or len(self.tokens) < tokens):
+            try:
+                result, err = self.responses.get(timeout=5 if self.error else timeout)
             except queue.Empty:
                 break
+            self.events.append("error" if err is not None else "response")
             if err is not None:
-                error = str(err)
-                continue
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                break
-            tokens.append(int(result.as_numpy("token_ids")[0]))
-            text += result.as_numpy("text_output")[0].decode()
-    finally:
-        client.stop_stream()
-        client.close()
-    return tokens, text, error
+                self.error = str(err)
+            elif result.get_response().parameters["triton_final_response"].bool_param:
+                self.final = True
+            else:
+                self.ttft = time.perf_counter() - self.t0 if self.ttft is None else self.ttft
+                self.tokens.append(int(result.as_numpy("token_ids")[0]))
+                self.text += result.as_numpy("text_output")[0].decode()
+        return self
+
+    def close(self, cancel=False):
+        self.client.stop_stream(cancel_requests=cancel)
+        self.client.close()
+        return self
+
+    def wait(self):
+        return self.read().close()
+
+
+def stream_generate(url, inputs: dict, request_id="1"):
+    """-> (token ids, text, error message or None) of one streamed request."""
+    s = Stream(url, inputs, request_id).wait()
+    return s.tokens, s.text, s.error
 
 
 def ids_request(prompt, max_tokens):
@@ -70,54 +94,117 @@ def greedy_reference(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
+def metric(text, name, **labels):
+    """Sum of the samples of metric `name` whose labels include `labels`."""
+    total = 0.0
+    for m in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+LIMITS = dict(max_active=4, max_queued=2, max_tokens_limit=1000, prefill_chunk=16)
+LONG = 1000  # tokens of a request that runs until it is cancelled (~2 s of the tiny model)
+
+
 @pytest.fixture(scope="module")
-def tiny_repo(tiny_folder, tmp_path_factory):
+def tiny_server(tiny_folder, tmp_path_factory):
+    """One server for the module: the tiny GQA llama (1024-slot cache) under LIMITS."""
     from kvconvert.export.onnx import OnnxExportConfig, export_onnx
     from kvconvert.export.triton import TritonRepoConfig, export_triton
 
     tmp = tmp_path_factory.mktemp("triton")
     folder = tiny_folder("llama", 2)
-    export_onnx(folder, OnnxExportConfig(max_context=48, validate=False), tmp / "onnx")
-    export_triton(tmp / "onnx", TritonRepoConfig(name="m", instances=2, max_new_tokens=8), tmp / "repo")
-    return folder, tmp / "repo"
+    export_onnx(folder, OnnxExportConfig(max_context=1024, validate=False), tmp / "onnx")
+    export_triton(tmp / "onnx", TritonRepoConfig(name="m", max_new_tokens=8, **LIMITS), tmp / "repo")
+    server = start_server(tmp / "repo")
+    yield folder, server
+    server.stop()
+    assert not server.alive()
 
 
-def test_tiny_model_served_greedy_concurrent_and_malformed(tiny_repo):
+def test_concurrent_ragged_prompts_equal_single_requests_and_metrics(tiny_server):
     from transformers import AutoModelForCausalLM
 
-    folder, repo = tiny_repo
+    folder, server = tiny_server
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    prompts = [[5, 9, 11, 3, 7], [40, 2, 17]]
+    prompts = [[5, 9, 11], list(range(3, 40)), [40, 2, 17, 8, 99, 31, 7, 12, 60, 61, 5], list(range(100, 120))]
     want = [greedy_reference(model, p, 10) for p in prompts]
-    assert want[0] != want[1]
-    server = start_server(repo)
-    try:
-        tokens, text, error = stream_generate(server.grpc_url, ids_request(prompts[0], 10))
-        assert error is None and tokens == want[0] and text
+    single = [stream_generate(server.grpc_url, ids_request(p, 10)) for p in prompts]
+    assert all(e is None for _, _, e in single), single
+    assert all(t for t, _, _ in single), (single, server.log_tail())
+    single = [t for t, _, _ in single]
+    assert single == want
+    before = server.metrics()
 
-        jobs = [0, 1, 0, 1]  # four concurrent sequences (two instances): each must get its own prompt's tokens
-        results = [None] * len(jobs)
+    streams = [Stream(server.grpc_url, ids_request(p, 10), request_id=str(k)) for k, p in enumerate(prompts)]
+    results = [None] * len(streams)
+    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, streams[k].wait())) for k in range(4)]
+    [t.start() for t in threads]
+    [t.join(timeout=300) for t in threads]
+    assert [r.tokens for r in results] == single and all(r.error is None and r.final for r in results)
 
-        def worker(k):
-            results[k] = stream_generate(server.grpc_url, ids_request(prompts[jobs[k]], 10), request_id=str(k))
+    after = server.metrics()
+    assert metric(after, "kvconvert_generated_tokens_total") - metric(before, "kvconvert_generated_tokens_total") == 40
+    assert metric(after, "kvconvert_time_to_first_token_seconds_count") - \
+        metric(before, "kvconvert_time_to_first_token_seconds_count") == 4
+    assert metric(after, "kvconvert_inter_token_latency_seconds_count") - \
+        metric(before, "kvconvert_inter_token_latency_seconds_count") == 36
+    assert metric(after, "kvconvert_requests_total", outcome="completed") >= 8
+    for gauge in ("kvconvert_queue_depth", "kvconvert_active_sequences"):
+        assert re.search(rf'^{gauge}\{{[^}}]*model="m_generate"', after, re.M)
+    assert metric(after, "kvconvert_active_sequences") == 0
+    assert "nv_inference_request_success" in after  # Triton's own metrics on the same endpoint
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(jobs))]
-        [t.start() for t in threads]
-        [t.join(timeout=300) for t in threads]
-        assert [r[0] for r in results] == [want[j] for j in jobs] and all(r[2] is None for r in results)
+    for bad in ({"max_tokens": ("INT32", np.array([4], np.int32))},                  # no prompt
+                ids_request([10**9], 4),                                            # token id out of vocab
+                ids_request(list(range(100)) * 10, 100)):                           # beyond max_context
+        s = Stream(server.grpc_url, bad).wait()
+        assert s.error and not s.tokens and s.final, bad
+    s = Stream(server.grpc_url, {"input_ids": ("FP32", np.array([1.0, 2.0], np.float32))}).wait()  # Triton rejects
+    assert s.error and not s.tokens
+    assert server.alive()
 
-        for bad in ({"max_tokens": ("INT32", np.array([4], np.int32))},                  # no prompt
-                    ids_request([10**9], 4),                                            # token id out of vocab
-                    ids_request(list(range(10)), 1000),                                 # beyond max_context
-                    {"input_ids": ("FP32", np.array([1.0, 2.0], np.float32))}):         # wrong dtype
-            tokens, _, error = stream_generate(server.grpc_url, bad)
-            assert error and not tokens, bad
-        assert server.alive()
-        tokens, _, error = stream_generate(server.grpc_url, ids_request(prompts[1], 10))
-        assert error is None and tokens == want[1]
-    finally:
-        server.stop()
-    assert not server.alive()
+
+def test_cancelled_stream_stops_and_frees_the_server(tiny_server):
+    _, server = tiny_server
+    short = ids_request([7, 8, 9, 10], 4)
+    idle = statistics.median(Stream(server.grpc_url, short).wait().ttft for _ in range(3))
+    before = server.metrics()
+    long = Stream(server.grpc_url, ids_request([5, 6, 7], LONG)).read(tokens=3).close(cancel=True)
+    nxt = Stream(server.grpc_url, short).wait()
+    assert len(long.tokens) == 3 and not long.final
+    assert nxt.error is None and len(nxt.tokens) == 4
+    assert nxt.ttft <= 2 * idle, (nxt.ttft, idle)
+    deadline = time.monotonic() + 10
+    while metric(server.metrics(), "kvconvert_requests_total", outcome="cancelled") == \
+            metric(before, "kvconvert_requests_total", outcome="cancelled") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = server.metrics()
+    assert metric(after, "kvconvert_requests_total", outcome="cancelled") - \
+        metric(before, "kvconvert_requests_total", outcome="cancelled") == 1
+    generated = metric(after, "kvconvert_generated_tokens_total") - metric(before, "kvconvert_generated_tokens_total") - 4
+    assert 3 <= generated < LONG // 2, generated  # stopped at the step after the cancellation, not at max_tokens
+
+
+def test_admission_limits_answer_with_an_error_and_a_final_response(tiny_server):
+    _, server = tiny_server
+    over = Stream(server.grpc_url, ids_request([5, 6], LIMITS["max_tokens_limit"] + 1)).wait()
+    assert over.final and not over.tokens and "max_tokens_limit" in over.error
+
+    busy = [Stream(server.grpc_url, ids_request([5 + k, 6], LONG), request_id=f"busy{k}")
+            for k in range(LIMITS["max_active"])]
+    [b.read(tokens=1) for b in busy]  # every running sequence has produced a token, so it holds a row
+    waiting = [Stream(server.grpc_url, ids_request([9, 9 + k], LONG), request_id=f"wait{k}")
+               for k in range(LIMITS["max_queued"])]
+    deadline = time.monotonic() + 10
+    while metric(server.metrics(), "kvconvert_queue_depth") < LIMITS["max_queued"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    full = Stream(server.grpc_url, ids_request([3, 4], 4), request_id="full").wait()
+    assert full.final and not full.tokens and "queue is full" in full.error
+    [s.close(cancel=True) for s in busy + waiting]
+    assert server.alive()
 
 
 def test_latent_model_served_greedy_equals_latent_generate(tiny_folder, tmp_path):

@@ -65,8 +65,9 @@ def export_triton(src, cfg: TritonRepoConfig, repo, *, overwrite: bool = False) 
         raise UserError(f"{src} has no tokenizer.json (a fast tokenizer is needed by the generation model)")
     gen_name = f"{cfg.name}_generate"
     params = {"kvconvert": json.dumps({k: meta[k] for k in ("num_layers", "max_context", "vocab_size", "eos_token_id",
-                                                            "bos_token_id", "dtype") if k in meta}),
-              "mode": mode, "engine_model": cfg.name, "max_new_tokens": cfg.max_new_tokens}
+                                                            "bos_token_id", "dtype", "logits", "inputs", "outputs")
+                                            if k in meta}),
+              "mode": mode, "engine_model": cfg.name, **cfg.generate_parameters()}
     parent = provenance.read(src)
     record = provenance.new_record(parent["source"] if parent else {"spec": str(src), "kind": "folder"}, parent)
     models = {}

@@ -3,9 +3,10 @@
 That wheel (installed in its own environment with numpy < 2 by `scripts/install.sh dev`: `.venv-tritonserver`,
 or any Python named by $KVCONVERT_TRITONSERVER_PYTHON) holds `pytriton/tritonserver/bin/tritonserver` 2.51 and
 the Python backend; the backend stub for the environment's Python version is put beside `libtriton_python.so`
-in a private backend folder. The server listens on 127.0.0.1 only and is stopped by its PID.
+in a private backend folder. The server listens on 127.0.0.1 only (HTTP, gRPC and the Prometheus metrics
+endpoint) and is stopped by its PID.
 
-    python -m kvconvert.export.triton.server --repo DIR [--http-port 8000 --grpc-port 8001]
+    python -m kvconvert.export.triton.server --repo DIR [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
 """
 
 from __future__ import annotations
@@ -68,15 +69,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metrics_flags(port: int) -> list[str]:
+    """tritonserver flags for the Prometheus endpoint on loopback (no GPU metrics: a CPU server)."""
+    return ["--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
+            "--metrics-address=127.0.0.1", f"--metrics-port={port}"]
+
+
 class TritonServer:
     """`with TritonServer(repo) as server:` -> server.http_url / server.grpc_url (127.0.0.1, free ports)."""
 
     def __init__(self, repo: str | Path, python: Path | None = None, http_port: int | None = None,
-                 grpc_port: int | None = None, log_path: Path | None = None, extra_env: dict | None = None):
+                 grpc_port: int | None = None, log_path: Path | None = None, extra_env: dict | None = None,
+                 metrics_port: int | None = None):
         self.repo = Path(repo).resolve()
         self.info = locate(python)
         self.http_port, self.grpc_port = http_port or free_port(), grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
         self.http_url, self.grpc_url = f"127.0.0.1:{self.http_port}", f"127.0.0.1:{self.grpc_port}"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.log_path = log_path
         self.extra_env = extra_env or {}
         self.proc: subprocess.Popen | None = None
@@ -102,7 +112,7 @@ class TritonServer:
         env.update(self.extra_env)
         cmd = [self.info["binary"], f"--model-repository={self.repo}", f"--backend-directory={backends}",
                "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", f"--http-port={self.http_port}",
-               f"--grpc-port={self.grpc_port}", "--allow-metrics=false", "--exit-timeout-secs=5"]
+               f"--grpc-port={self.grpc_port}", *metrics_flags(self.metrics_port), "--exit-timeout-secs=5"]
         self.log_path = self.log_path or backends / "server.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -122,6 +132,11 @@ class TritonServer:
                 return r.status == 200
         except OSError:
             return False
+
+    def metrics(self) -> str:
+        """The Prometheus text of the metrics endpoint (Triton's own and the generation model's)."""
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
+            return r.read().decode()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -161,10 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repo", required=True)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
     args = p.parse_args(argv)
-    server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port)
+    server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port)
     server.start()
-    print(f"tritonserver ready: http {server.http_url}, grpc {server.grpc_url} (pid {server.proc.pid}); Ctrl-C stops")
+    print(f"tritonserver ready: http {server.http_url}, grpc {server.grpc_url}, metrics {server.metrics_url} "
+          f"(pid {server.proc.pid}); Ctrl-C stops")
     try:
         server.proc.wait()
     except KeyboardInterrupt:

@@ -249,7 +249,7 @@ class Scheduler:
         with self.cond:
             if self.stopping:
                 raise Rejected("the model is unloading; retry on another instance")
-            if len(self.queue) >= self.max_queued:
+            if len(self.queue) >= self.max_queued + self.max_active - len(self.active):
                 raise Rejected(f"the queue is full ({self.max_queued} requests waiting, {len(self.active)} "
                                f"running; max_queued); retry later")
             self.queue.append(seq)
