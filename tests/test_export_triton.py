@@ -94,7 +94,12 @@ def test_onnx_repository_generate_config(tiny_onnx, tmp_path, cli):
     assert {t.name for t in gen.input} == {"text_input", "input_ids", "max_tokens", "temperature", "top_k", "seed"}
     assert all(t.optional for t in gen.input)
     meta = json.loads(gen.parameters["kvconvert"].string_value)
-    assert meta["max_context"] == 32
+    assert meta["max_context"] == 32 and meta["inputs"][3:] and meta["logits"] == "all"
+    limits = {k: gen.parameters[k].string_value for k in ("max_active", "max_queued", "queue_timeout_s",
+                                                            "prefill_chunk", "ort_threads", "max_new_tokens")}
+    assert limits == {"max_active": "8", "max_queued": "64", "queue_timeout_s": "30.0", "prefill_chunk": "256",
+                      "ort_threads": "0", "max_new_tokens": "64"}
+    assert "max_tokens_limit" not in gen.parameters  # None: max_context
     assert (repo / "tiny_generate" / "1" / "model.onnx").is_file() and (repo / "tiny_generate" / "1" / "model.py").is_file()
     assert not (repo / "tiny").exists()
 
@@ -110,3 +115,115 @@ def test_bad_sources_are_refused(tmp_path, tiny_onnx):
     with pytest.raises(UserError):
         TritonRepoConfig.parse({"name": "bad name/"})
     assert not (tmp_path / "repo").exists()
+
+
+def generate_model_module():
+    """The repository's model.py template, imported outside Triton (its scheduler needs no pb_utils)."""
+    import importlib.util
+
+    from kvconvert.export.triton.repo import TEMPLATE
+
+    spec = importlib.util.spec_from_file_location("kvconvert_generate_model", TEMPLATE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Sink:
+    """A request's responses as the scheduler sends them; `cancel_after=k` reports cancelled once k tokens went
+    out, `delay` seconds per sent token."""
+
+    def __init__(self, cancel_after=None, delay=0.0):
+        import threading
+
+        self.tokens, self.error, self.closes = [], None, 0
+        self.done = threading.Event()
+        self.cancel_after, self.delay = cancel_after, delay
+
+    def send(self, tok, piece):
+        import time
+
+        time.sleep(self.delay)
+        self.tokens.append(tok)
+        return True
+
+    def close(self, error=None):
+        self.error, self.closes = error, self.closes + 1
+        self.done.set()
+
+    def cancelled(self):
+        return self.cancel_after is not None and len(self.tokens) >= self.cancel_after
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = {}
+
+    def __getattr__(self, name):
+        return lambda value: self.calls.setdefault(name, []).append(value)
+
+
+def scheduler(gm, folder, max_active, queue_timeout_s=30.0, prefill_chunk=5, max_queued=16):
+    from kvconvert.export.onnx.ort_generate import OrtGenerator
+
+    meta = OrtGenerator(folder).meta
+    stepper = gm.OrtBatchStepper(str(folder / "model.onnx"), meta, max_active, threads=1)
+    return gm.Scheduler(stepper, lambda ids: " ".join(map(str, ids)), set(), max_active, max_queued, queue_timeout_s,
+                        prefill_chunk, Recorder()), stepper
+
+
+@pytest.mark.parametrize("fields", [{}, {"attention": "standard"}, {"logits": "last"}],
+                         ids=["kvattention-opset17", "standard-opset24", "logits-last"])
+def test_in_flight_batching_equals_one_request_at_a_time(tiny_onnx_export, fields):
+    """6 ragged prompts through 3 rows of one batch cache (chunked prefill of 5 tokens per step in all, queued
+    requests taking the rows of finished ones) give each prompt's greedy tokens of OrtGenerator alone."""
+    import numpy as np
+
+    from kvconvert.export.onnx.ort_generate import OrtGenerator
+
+    folder = tiny_onnx_export(**fields)
+    gen = OrtGenerator(folder)
+    prompts = [[5, 9, 11], list(range(3, 20)), [40, 2, 17, 8, 99, 31, 7], [7], list(range(50, 62)), [8, 8, 8, 8]]
+    lengths = [6, 12, 3, 9, 15, 1]
+    want = [gen.generate([np.array(p)], n, eos_token_id=None)[0][len(p):].tolist() for p, n in zip(prompts, lengths)]
+    gm = generate_model_module()
+    sched, stepper = scheduler(gm, folder, max_active=3)
+    sinks = [Sink() for _ in prompts]
+    buffers = list(stepper.buffers)
+    for p, n, s in zip(prompts, lengths, sinks):
+        sched.submit(gm.Sequence(np.array(p, np.int64), n, 0.0, 0, 0, s))
+    assert all(s.done.wait(60) for s in sinks)
+    sched.stop()
+    assert [s.tokens for s in sinks] == want
+    assert all(s.error is None and s.closes == 1 for s in sinks)
+    assert all(a is b for a, b in zip(buffers, stepper.buffers)) and np.abs(buffers[0]).max() > 0  # written in place
+    assert sorted(stepper.free) == [0, 1, 2] and not stepper.row
+    calls = sched.metrics.calls
+    assert len(calls["first_token"]) == 6 and sum(calls["tokens"]) == sum(lengths)
+    assert len(calls["inter_token"]) == sum(lengths) - 6 and max(calls["active"]) == 3
+
+
+def test_cancelled_sequence_leaves_at_the_next_step_and_queue_times_out(tiny_onnx):
+    import numpy as np
+
+    gm = generate_model_module()
+    sched, stepper = scheduler(gm, tiny_onnx, max_active=1, queue_timeout_s=0.3, max_queued=1)
+    cancelled = Sink(cancel_after=3)
+    slow = Sink(delay=0.05)
+    late, refused = Sink(), Sink()
+    sched.submit(gm.Sequence(np.array([5, 6, 7]), 20, 0.0, 0, 0, cancelled))
+    assert cancelled.done.wait(30)
+    assert len(cancelled.tokens) == 3 and cancelled.error is None and cancelled.closes == 1
+    sched.submit(gm.Sequence(np.array([5, 6, 7]), 20, 0.0, 0, 0, slow))  # ~1 s on the only row
+    import time
+
+    while not slow.tokens:
+        time.sleep(0.01)
+    sched.submit(gm.Sequence(np.array([9]), 4, 0.0, 0, 0, late))
+    with pytest.raises(gm.Rejected, match="queue is full"):
+        sched.submit(gm.Sequence(np.array([9]), 4, 0.0, 0, 0, refused))
+    assert late.done.wait(30) and not late.tokens and "queue" in late.error and late.closes == 1
+    assert slow.done.wait(30) and len(slow.tokens) == 20 and slow.error is None
+    sched.stop()
+    outcomes = sched.metrics.calls["outcome"]
+    assert outcomes.count("cancelled") == 1 and outcomes.count("timed_out") == 1 and outcomes.count("completed") == 1
