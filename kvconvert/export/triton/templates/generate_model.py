@@ -49,8 +49,6 @@ class OrtBatchStepper:
     last token is not fed back).
     """
 
-    equal_chunks_for_last = True
-
     def __init__(self, path, meta, max_active, threads=0):
         import onnxruntime as ort
 
@@ -72,11 +70,6 @@ class OrtBatchStepper:
         self.free = list(range(max_active))
         self.row = {}
         self._views = {}
-
-    @property
-    def equal_chunks(self):
-        """With last-position logits every row of a prefill call must end its chunk at the same position."""
-        return self.last_only
 
     def acquire(self, seq):
         self.free.sort()
@@ -105,11 +98,17 @@ class OrtBatchStepper:
         return binding.get_outputs()[0].numpy()
 
     def _runs(self, chunks):
-        """Split [(seq, ids, start)] (sorted by row) into calls on contiguous rows whose padding fits."""
+        """Split [(seq, ids, start)] into calls on contiguous rows whose right padding fits in the buffers and
+        costs at most half the real tokens (prefill is compute-bound: padding is paid in full).
+        A last-position-logits graph gives each row the logits of the call's last column, so its calls hold
+        chunks of one length only (a graph with all positions pads ragged chunks and reads each row's own)."""
         runs, cur = [], []
         for c in sorted(chunks, key=lambda c: self.row[c[0]]):
             width = max([len(x[1]) for x in cur] + [len(c[1])])
+            real = sum(len(x[1]) for x in cur) + len(c[1])
             if cur and (self.row[c[0]] == self.row[cur[-1][0]] + 1
+                        and not (self.last_only and len(c[1]) != len(cur[0][1]))
+                        and width * (len(cur) + 1) <= 1.5 * real + 8
                         and max(x[2] for x in cur + [c]) + width <= self.max_context):
                 cur.append(c)
             else:
@@ -147,8 +146,6 @@ class OrtBatchStepper:
 class EngineStepper:
     """Calls the TensorRT model per sequence (BLS) with a correlation id; Triton holds each cache. The
     requests of one step are issued together, so Triton's sequence batcher runs them as one batch."""
-
-    equal_chunks = False
 
     def __init__(self, model_name, max_active):
         self.model = model_name
@@ -225,9 +222,10 @@ class Sequence:
 class Scheduler:
     """In-flight batching over a stepper (OrtBatchStepper or EngineStepper), on its own thread.
 
-    Each loop: drop cancelled / timed-out requests, admit queued ones into free rows, run one prefill chunk
-    for sequences still reading their prompt (`prefill_chunk` tokens in all), then one decode step for every
-    sequence that has a token to feed. Finished sequences release their row at once.
+    Each loop: drop cancelled / timed-out requests, admit queued ones into free rows, prefill up to
+    `prefill_chunk` prompt tokens in all (shortest remaining prompt first, a long one in chunks over several
+    loops), then one decode step for every sequence that has a token to feed. Finished sequences release
+    their row at once.
     """
 
     def __init__(self, stepper, decode_text, eos, max_active, max_queued, queue_timeout_s, prefill_chunk,
@@ -331,13 +329,17 @@ class Scheduler:
         self.metrics.active(len(self.active))
 
     def _prefill(self):
-        reading = [s for s in self.active if s.prefilled < len(s.prompt)]
-        if not reading:
+        reading = sorted((s for s in self.active if s.prefilled < len(s.prompt)),
+                         key=lambda s: len(s.prompt) - s.prefilled)
+        chunks, budget = [], self.prefill_chunk
+        for s in reading:  # shortest remaining prompt first: the most first tokens per step
+            if budget <= 0:
+                break
+            n = min(budget, len(s.prompt) - s.prefilled)
+            chunks.append((s, s.prompt[s.prefilled: s.prefilled + n], s.prefilled))
+            budget -= n
+        if not chunks:
             return
-        each = max(1, self.prefill_chunk // len(reading))
-        if self.stepper.equal_chunks:
-            each = min([each] + [len(s.prompt) - s.prefilled for s in reading])
-        chunks = [(s, s.prompt[s.prefilled: s.prefilled + each], s.prefilled) for s in reading]
         logits = self.stepper.prefill(chunks)
         for seq, ids, _ in chunks:
             seq.prefilled += len(ids)
