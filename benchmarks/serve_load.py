@@ -6,7 +6,8 @@ inter-token latency, measured on the client.
         [--requests-per-client 2] [--max-active 8] [--max-context 512] [--out runs/serve_load]
 
 Each level runs `concurrency` closed-loop clients (each sends its requests one after another, on its own
-stream; greedy, prompts of 8-60 tokens, `--new-tokens` each), bounded by `--level-timeout` seconds. The server
+stream; greedy with `ignore_eos`, prompts of 5-43 tokens, 0.5-1.5 x `--new-tokens` each, so that clients do not
+stay in lockstep after the first burst), bounded by `--level-timeout` seconds. The server
 listens on 127.0.0.1 (free ports) and is stopped by its PID. Writes results.json and serve_load.png to --out
 and prints the table (benchmarks/serve_load.txt is this output). Needs .venv-tritonserver (install.sh dev).
 """
@@ -34,6 +35,9 @@ PROMPTS = [
 ]
 
 
+LENGTHS = [1.0, 0.5, 1.5, 0.75, 1.25]  # output length / --new-tokens, cycled: clients drift out of lockstep
+
+
 def one_request(url: str, model: str, prompt: str, new_tokens: int, timeout: float) -> dict:
     """Send one streaming request; -> {"tokens", "ttft", "gaps" (seconds between tokens), "error"}."""
     import numpy as np
@@ -46,8 +50,10 @@ def one_request(url: str, model: str, prompt: str, new_tokens: int, timeout: flo
     text.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
     tokens = grpcclient.InferInput("max_tokens", [1], "INT32")
     tokens.set_data_from_numpy(np.array([new_tokens], np.int32))
+    ignore_eos = grpcclient.InferInput("ignore_eos", [1], "BOOL")
+    ignore_eos.set_data_from_numpy(np.array([True]))
     t0 = time.perf_counter()
-    client.async_stream_infer(model, [text, tokens], enable_empty_final_response=True)
+    client.async_stream_infer(model, [text, tokens, ignore_eos], enable_empty_final_response=True)
     stamps, error = [], None
     try:
         while True:
@@ -84,7 +90,8 @@ def run_level(url: str, model: str, concurrency: int, per_client: int, new_token
             left = deadline - time.perf_counter()
             if left <= 0:
                 return
-            r = one_request(url, model, PROMPTS[(k + i * concurrency) % len(PROMPTS)], new_tokens, left)
+            j = k + i * concurrency
+            r = one_request(url, model, PROMPTS[j % len(PROMPTS)], round(new_tokens * LENGTHS[j % len(LENGTHS)]), left)
             with lock:
                 results.append(r)
 
@@ -135,8 +142,9 @@ def main() -> None:
     p.add_argument("--model", default="builtin:smollm2-135m")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--requests-per-client", type=int, default=4)
     p.add_argument("--max-active", type=int, default=8)
+    p.add_argument("--prefill-chunk", type=int, default=128)
     p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--logits", choices=["all", "last"], default="all",
                    help="export option; 'all' lets ragged prompts share one padded prefill call")
@@ -157,10 +165,12 @@ def main() -> None:
         export_onnx(args.model, OnnxExportConfig(max_context=args.max_context, logits=args.logits, validate=False),
                     onnx_dir, overwrite=True, progress=False)
     cfg = TritonRepoConfig(name="m", max_active=args.max_active, max_queued=64, ort_threads=args.ort_threads,
+                           prefill_chunk=args.prefill_chunk, queue_timeout_s=args.level_timeout,
                            max_new_tokens=args.new_tokens)
     export_triton(onnx_dir, cfg, repo, overwrite=True)
     print(f"model {args.model}, ONNX fp32 logits={args.logits}, max_context {args.max_context}; Triton repo {cfg.model_dump()}")
-    print(f"greedy, {args.new_tokens} new tokens per request, {len(PROMPTS)} prompts of 6-45 words, "
+    print(f"greedy, ignore_eos, {LENGTHS} x {args.new_tokens} new tokens per request (cycled), {len(PROMPTS)} "
+          "prompts of 5-43 tokens, "
           f"{args.requests_per_client} requests per client ({args.single_requests} for 1 client; closed loop, one gRPC "
           "stream each)")
     print(f"load before: {uptime()}")

@@ -91,13 +91,14 @@ def test_onnx_repository_generate_config(tiny_onnx, tmp_path, cli):
     repo = tmp_path / "repo"
     gen = parse_config(repo / "tiny_generate" / "config.pbtxt")
     assert gen.name == "tiny_generate" and gen.parameters["mode"].string_value == "onnxruntime"
-    assert {t.name for t in gen.input} == {"text_input", "input_ids", "max_tokens", "temperature", "top_k", "seed"}
+    assert {t.name for t in gen.input} == {"text_input", "input_ids", "max_tokens", "temperature", "top_k", "seed",
+                                          "ignore_eos"}
     assert all(t.optional for t in gen.input)
     meta = json.loads(gen.parameters["kvconvert"].string_value)
     assert meta["max_context"] == 32 and meta["inputs"][3:] and meta["logits"] == "all"
     limits = {k: gen.parameters[k].string_value for k in ("max_active", "max_queued", "queue_timeout_s",
                                                             "prefill_chunk", "ort_threads", "max_new_tokens")}
-    assert limits == {"max_active": "8", "max_queued": "64", "queue_timeout_s": "30.0", "prefill_chunk": "256",
+    assert limits == {"max_active": "8", "max_queued": "64", "queue_timeout_s": "30.0", "prefill_chunk": "128",
                       "ort_threads": "0", "max_new_tokens": "64"}
     assert "max_tokens_limit" not in gen.parameters  # None: max_context
     assert (repo / "tiny_generate" / "1" / "model.onnx").is_file() and (repo / "tiny_generate" / "1" / "model.py").is_file()

@@ -34,7 +34,7 @@ class TritonRepoConfig(StrictConfig):
     max_queued: int = Field(64, ge=0)
     queue_timeout_s: float = Field(30.0, gt=0)
     max_tokens_limit: int | None = Field(None, ge=1)
-    prefill_chunk: int = Field(256, ge=1)
+    prefill_chunk: int = Field(128, ge=1)
     ort_threads: int = Field(0, ge=0)
 
     @field_validator("name")

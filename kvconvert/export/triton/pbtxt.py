@@ -63,7 +63,7 @@ def engine_config(name: str, io: dict[str, list[dict[str, Any]]], max_batch: int
 
 GENERATE_INPUTS = [("text_input", "TYPE_STRING", [1]), ("input_ids", "TYPE_INT64", [-1]),
                    ("max_tokens", "TYPE_INT32", [1]), ("temperature", "TYPE_FP32", [1]),
-                   ("top_k", "TYPE_INT32", [1]), ("seed", "TYPE_INT64", [1])]
+                   ("top_k", "TYPE_INT32", [1]), ("seed", "TYPE_INT64", [1]), ("ignore_eos", "TYPE_BOOL", [1])]
 GENERATE_OUTPUTS = [("token_ids", "TYPE_INT64", [-1]), ("text_output", "TYPE_STRING", [1])]
 
 

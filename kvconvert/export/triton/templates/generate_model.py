@@ -1,7 +1,7 @@
 """Triton Python-backend generation model written by `kvconvert export triton` (decoupled, streaming).
 
 Request: `text_input` (string) or `input_ids` (int64 [n]); optional `max_tokens`, `temperature` (0 = greedy),
-`top_k`, `seed`. Responses: one per new token with `token_ids` [1] and `text_output` (the text it adds), then
+`top_k`, `seed`, `ignore_eos` (generate exactly max_tokens: load tests). Responses: one per new token with `token_ids` [1] and `text_output` (the text it adds), then
 an empty final response (also after every error).
 
 In-flight batching: `execute()` only checks a request and queues it; one scheduler thread per instance admits
@@ -118,9 +118,9 @@ class OrtBatchStepper:
         return runs + ([cur] if cur else [])
 
     def prefill(self, chunks):
-        """chunks [(seq, ids [n], start)] -> {seq: logits [V] after its chunk's last token}."""
-        out = {}
-        for run in self._runs(chunks):
+        """chunks [(seq, ids [n], start)] -> yields (seq, logits [V] after its chunk's last token), one call
+        after another, the call of the shortest chunks first (their first tokens go out before the next call)."""
+        for run in sorted(self._runs(chunks), key=lambda run: max(len(c[1]) for c in run)):
             width = max(len(ids) for _, ids, _ in run)
             ids = np.zeros((len(run), width), np.int64)
             for r, (_, x, _) in enumerate(run):
@@ -129,8 +129,7 @@ class OrtBatchStepper:
             a = self.row[run[0][0]]
             logits = self._run(a, a + len(run), ids, start[:, None] + np.arange(width), start)
             for r, (seq, x, _) in enumerate(run):
-                out[seq] = logits[r, 0] if logits.shape[1] == 1 else logits[r, len(x) - 1]
-        return out
+                yield seq, (logits[r, 0] if logits.shape[1] == 1 else logits[r, len(x) - 1])
 
     def decode(self, items):
         """items [(seq, token, position)] -> {seq: logits [V]}: one call on rows [0, highest + 1)."""
@@ -185,7 +184,7 @@ class EngineStepper:
         return {seq: f.result() for seq, f in futures.items()}
 
     def prefill(self, chunks):
-        return self._all(chunks)
+        return self._all(chunks).items()
 
     def decode(self, items):
         return self._all([(seq, np.array([tok], np.int64), p) for seq, tok, p in items])
@@ -208,8 +207,9 @@ class Sequence:
     """One request from queueing to its final response. `sink`: send(token, text) / close(error) /
     cancelled() (TritonSink in a server)."""
 
-    def __init__(self, prompt, max_tokens, temperature, top_k, seed, sink):
+    def __init__(self, prompt, max_tokens, temperature, top_k, seed, sink, ignore_eos=False):
         self.prompt, self.max_tokens, self.temperature, self.top_k = prompt, max_tokens, temperature, top_k
+        self.ignore_eos = ignore_eos
         self.rng = np.random.default_rng(seed)
         self.sink = sink
         self.arrived = time.monotonic()
@@ -224,7 +224,8 @@ class Scheduler:
 
     Each loop: drop cancelled / timed-out requests, admit queued ones into free rows, prefill up to
     `prefill_chunk` prompt tokens in all (shortest remaining prompt first, a long one in chunks over several
-    loops), then one decode step for every sequence that has a token to feed. Finished sequences release
+    loops; requests that arrived during that prefill are admitted and prefilled too), then one decode step
+    for every sequence that has a token to feed. Finished sequences release
     their row at once.
     """
 
@@ -273,7 +274,9 @@ class Scheduler:
                     return self._fail_all("the model is unloading")
                 self._expire_queue()
                 self._admit()
-                self._prefill()
+                if self._prefill() and self.queue:  # arrivals during that prefill: theirs too, then decode
+                    self._admit()
+                    self._prefill()
                 self._decode()
             except Exception as exc:  # noqa: BLE001 (a failed step ends the sequences in it; the model keeps serving)
                 self._fail_all(f"{type(exc).__name__}: {exc}")
@@ -339,12 +342,13 @@ class Scheduler:
             chunks.append((s, s.prompt[s.prefilled: s.prefilled + n], s.prefilled))
             budget -= n
         if not chunks:
-            return
-        logits = self.stepper.prefill(chunks)
-        for seq, ids, _ in chunks:
-            seq.prefilled += len(ids)
+            return False
+        sizes = {seq: len(ids) for seq, ids, _ in chunks}
+        for seq, logits in self.stepper.prefill(chunks):
+            seq.prefilled += sizes[seq]
             if seq.prefilled == len(seq.prompt):
-                self._emit(seq, logits[seq])
+                self._emit(seq, logits)
+        return True
 
     def _decode(self):
         items = [(s, s.tokens[-1], len(s.prompt) + len(s.tokens) - 1) for s in self.active
@@ -369,7 +373,7 @@ class Scheduler:
         self.metrics.tokens(1)
         if not seq.sink.send(tok, piece):
             return self._finish(seq, None, "cancelled")
-        if tok in self.eos or len(seq.tokens) == seq.max_tokens:
+        if (tok in self.eos and not seq.ignore_eos) or len(seq.tokens) == seq.max_tokens:
             self._finish(seq)
 
 
@@ -519,7 +523,8 @@ class TritonPythonModel:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) must be within "
                              f"1..{self.max_context} (the export's max_context)")
         return Sequence(prompt, max_tokens, self._scalar(request, "temperature", 0.0, float),
-                        self._scalar(request, "top_k", 0, int), self._scalar(request, "seed", 0, int), sink)
+                        self._scalar(request, "top_k", 0, int), self._scalar(request, "seed", 0, int), sink,
+                        self._scalar(request, "ignore_eos", False, bool))
 
     def execute(self, requests):
         for request in requests:
