@@ -149,7 +149,8 @@ def main() -> None:
     p.add_argument("--logits", choices=["all", "last"], default="all",
                    help="export option; 'all' lets ragged prompts share one padded prefill call")
     p.add_argument("--single-requests", type=int, default=4, help="requests of the 1-client level (the baseline)")
-    p.add_argument("--ort-threads", type=int, default=2)
+    p.add_argument("--ort-threads", type=int, default=1, help="of the server's ONNX Runtime session (1 is fastest "
+                   "on a shared 2-core machine: 2 threads contend with the scheduler, Triton and the clients)")
     p.add_argument("--level-timeout", type=float, default=240.0)
     p.add_argument("--out", default="runs/serve_load")
     p.add_argument("--plot", default=str(Path(__file__).with_suffix(".png")))

@@ -101,6 +101,12 @@ def test_onnx_repository_generate_config(tiny_onnx, tmp_path, cli):
     assert limits == {"max_active": "8", "max_queued": "64", "queue_timeout_s": "30.0", "prefill_chunk": "128",
                       "ort_threads": "0", "max_new_tokens": "64"}
     assert "max_tokens_limit" not in gen.parameters  # None: max_context
+    readme = (repo / "README.md").read_text()
+    assert "--allow-metrics=true" in readme and "--metrics-address=127.0.0.1" in readme
+    assert all(f"`{k}` | {v} |" in readme for k, v in limits.items() if k != "queue_timeout_s")
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "generated_tokens_total",
+                 "queue_depth", "active_sequences"):
+        assert f"kvconvert_{name}" in readme
     assert (repo / "tiny_generate" / "1" / "model.onnx").is_file() and (repo / "tiny_generate" / "1" / "model.py").is_file()
     assert not (repo / "tiny").exists()
 

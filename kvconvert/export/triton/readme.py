@@ -16,6 +16,7 @@ _NO_PYTHON = {
 
 def readme_text(cfg: TritonRepoConfig, models: dict[str, Any], eng: dict[str, Any] | None) -> str:
     gen = f"{cfg.name}_generate"
+    limit = cfg.max_tokens_limit if cfg.max_tokens_limit is not None else "max_context"
     rows = "\n".join(f"| `{n}` | {', '.join(f'{k}={v}' for k, v in m.items())} |" for n, m in models.items())
     engine_note = ""
     if eng is not None:
@@ -39,13 +40,53 @@ rebuild with enterprise TensorRT and `--plugin aot` (the kernel's PTX is embedde
 ## Serve
 ```bash
 tritonserver --model-repository=$PWD --http-address 127.0.0.1 --grpc-address 127.0.0.1 \\
-    --http-port 8000 --grpc-port 8001 --allow-metrics false
+    --http-port 8000 --grpc-port 8001 \\
+    --allow-metrics=true --allow-gpu-metrics=false --metrics-address=127.0.0.1 --metrics-port=8002
 ```
-`{gen}` is a Python-backend model: the server's Python needs `numpy`, `tokenizers` and `onnxruntime`
-(in ONNX Runtime mode). With the CPU-only server of the `nvidia-pytriton` wheel (what kvconvert's tests
-use) run `python -m kvconvert.export.triton.server --repo $PWD` from kvconvert's checkout instead: it
-puts that wheel's Python backend stub in place and sets the library paths
-(`scripts/install.sh dev` creates its `.venv-tritonserver`).
+Everything listens on loopback only; put a proxy in front to serve other hosts. `{gen}` is a Python-backend
+model: the server's Python needs `numpy`, `tokenizers` and `onnxruntime` (in ONNX Runtime mode). With the
+CPU-only server of the `nvidia-pytriton` wheel (what kvconvert's tests use) run
+`python -m kvconvert.export.triton.server --repo $PWD` from kvconvert's checkout instead (same flags and ports:
+`--http-port`, `--grpc-port`, `--metrics-port`): it puts that wheel's Python backend stub in place and sets the
+library paths (`scripts/install.sh dev` creates its `.venv-tritonserver`).
+
+## Load limits (per instance of `{gen}`; `count: {cfg.instances}` instance(s))
+Each instance runs one scheduler thread with in-flight batching: `execute()` only checks a request and queues
+it; between decode steps the scheduler admits queued requests, prefills them (at most `prefill_chunk` prompt
+tokens per step in all, shortest prompt first, so a long prompt does not stall running sequences) and then
+decodes every active sequence in ONE batched call, each sequence in its own row of one preallocated batch cache
+(updated in place). In engine mode the same scheduler sends the step of every active sequence to the engine
+model at once (one BLS request per sequence, its cache kept by Triton as sequence state). A finished,
+cancelled or disconnected sequence leaves at the next step.
+
+| parameter (config.pbtxt) | value | meaning |
+|---|---|---|
+| `max_active` | {cfg.max_active} | sequences decoded together (the batch cache holds `max_active` x max_context slots) |
+| `max_queued` | {cfg.max_queued} | requests waiting for a free row; one more is refused at once ("the queue is full") |
+| `queue_timeout_s` | {cfg.queue_timeout_s:g} | a request waiting longer gets an error |
+| `max_tokens_limit` | {limit} | the largest `max_tokens` a request may ask |
+| `prefill_chunk` | {cfg.prefill_chunk} | prompt tokens per scheduler step, summed over the sequences being prefilled |
+| `ort_threads` | {cfg.ort_threads} | ONNX Runtime intra-op threads of the instance (0 = one per core) |
+| `max_new_tokens` | {cfg.max_new_tokens} | `max_tokens` of a request that sends none |
+
+Every refusal or failure the model sees (no prompt, ids outside the vocabulary, prompt + `max_tokens` beyond
+max_context, a limit above, a failed step, unloading) is an error response followed by the final response
+(`triton_final_response`), so a streaming client never waits forever. Errors Triton raises before the model
+sees the request (a wrong dtype or an unknown input) come as a stream error without a final response: treat
+any error as the end of that request. Cancelling (`client.stop_stream(cancel_requests=True)`, or the client
+going away) stops the sequence at the next step and frees its row.
+
+## Metrics (Prometheus text, `http://127.0.0.1:8002/metrics`)
+Triton's own (`nv_inference_*`, CPU and memory) plus, from `{gen}`, labelled `model`, `version`, `instance`:
+
+| metric | kind |
+|---|---|
+| `kvconvert_time_to_first_token_seconds` | histogram: request arrival to its first token |
+| `kvconvert_inter_token_latency_seconds` | histogram: between consecutive tokens of a sequence |
+| `kvconvert_generated_tokens_total` | counter |
+| `kvconvert_queue_depth` | gauge: requests waiting for a row |
+| `kvconvert_active_sequences` | gauge: sequences being prefilled or decoded |
+| `kvconvert_requests_total{{outcome=...}}` | counter: completed, cancelled, rejected, timed_out, failed |
 
 ## Call it (streaming, gRPC)
 ```python
@@ -71,6 +112,7 @@ while True:
 client.stop_stream()
 ```
 Inputs: `text_input` (BYTES [1]) or `input_ids` (INT64 [n]); optional `max_tokens` (INT32, default
-{cfg.max_new_tokens}), `temperature` (FP32, 0 = greedy), `top_k` (INT32), `seed` (INT64). One response per
-token: `token_ids` (INT64 [1]) and `text_output` (BYTES [1], the text that token adds).
+{cfg.max_new_tokens}), `temperature` (FP32, 0 = greedy), `top_k` (INT32), `seed` (INT64), `ignore_eos` (BOOL:
+generate exactly `max_tokens`, for load tests). One response per token: `token_ids` (INT64 [1]) and
+`text_output` (BYTES [1], the text that token adds), then the final response.
 {engine_note}"""

@@ -57,6 +57,8 @@ class OrtBatchStepper:
         opts.log_severity_level = 3
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
+        # no busy-waiting between ops: the scheduler thread, Triton and other instances share the cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past = list(meta["inputs"][3:]) if "inputs" in meta else [n for n in inputs if n.startswith("past_")]
