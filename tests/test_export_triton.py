@@ -234,3 +234,28 @@ def test_cancelled_sequence_leaves_at_the_next_step_and_queue_times_out(tiny_onn
     sched.stop()
     outcomes = sched.metrics.calls["outcome"]
     assert outcomes.count("cancelled") == 1 and outcomes.count("timed_out") == 1 and outcomes.count("completed") == 1
+
+
+def test_failed_step_ends_its_sequences_with_an_error_and_the_model_keeps_serving(tiny_onnx):
+    import numpy as np
+
+    gm = generate_model_module()
+    sched, stepper = scheduler(gm, tiny_onnx, max_active=2)
+    decode, calls = stepper.decode, []
+
+    def failing_second_call(items):
+        calls.append(len(items))
+        if len(calls) == 2:
+            raise RuntimeError("injected step failure")
+        return decode(items)
+
+    stepper.decode = failing_second_call
+    first = Sink()
+    sched.submit(gm.Sequence(np.array([5, 6, 7]), 10, 0.0, 0, 0, first))
+    assert first.done.wait(30)
+    assert len(first.tokens) == 2 and "injected step failure" in first.error and first.closes == 1
+    after = Sink()
+    sched.submit(gm.Sequence(np.array([5, 6, 7]), 10, 0.0, 0, 0, after))
+    assert after.done.wait(30)
+    sched.stop()
+    assert len(after.tokens) == 10 and after.error is None and sorted(stepper.free) == [0, 1]

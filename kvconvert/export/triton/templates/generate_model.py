@@ -1,8 +1,8 @@
 """Triton Python-backend generation model written by `kvconvert export triton` (decoupled, streaming).
 
 Request: `text_input` (string) or `input_ids` (int64 [n]); optional `max_tokens`, `temperature` (0 = greedy),
-`top_k`, `seed`, `ignore_eos` (generate exactly max_tokens: load tests). Responses: one per new token with `token_ids` [1] and `text_output` (the text it adds), then
-an empty final response (also after every error).
+`top_k`, `seed`, `ignore_eos` (generate exactly max_tokens: load tests). Responses: one per new token with
+`token_ids` [1] and `text_output` (the text it adds), then an empty final response (also after every error).
 
 In-flight batching: `execute()` only checks a request and queues it; one scheduler thread per instance admits
 queued requests between steps (up to `max_active` sequences, `max_queued` waiting, `queue_timeout_s`),
@@ -273,7 +273,7 @@ class Scheduler:
                     return
             try:
                 if self.stopping:
-                    return self._fail_all("the model is unloading")
+                    return self._fail_all("the model is unloading", queued=True)
                 self._expire_queue()
                 self._admit()
                 if self._prefill() and self.queue:  # arrivals during that prefill: theirs too, then decode
@@ -291,12 +291,15 @@ class Scheduler:
         self.metrics.outcome(outcome)
         self.metrics.active(len(self.active))
 
-    def _fail_all(self, message):
-        with self.cond:
-            waiting, self.queue = list(self.queue), deque()
+    def _fail_all(self, message, queued=False):
+        """End every running sequence (and with `queued` every waiting request) with an error."""
+        waiting = []
+        if queued:
+            with self.cond:
+                waiting, self.queue = list(self.queue), deque()
         for seq in list(self.active) + waiting:
             self._finish(seq, message, "failed")
-        self.metrics.queue(0)
+        self.metrics.queue(len(self.queue))
 
     def _expire_queue(self):
         now = time.monotonic()
@@ -536,7 +539,7 @@ class TritonPythonModel:
             except Rejected as exc:
                 sink.close(str(exc))
                 self.metrics.outcome("rejected")
-            except Exception as exc:  # noqa: BLE001 (a bad request ends with an error response; the model keeps serving)
+            except Exception as exc:  # noqa: BLE001 (a bad request gets an error response; the model keeps serving)
                 sink.close(f"{type(exc).__name__}: {exc}")
                 self.metrics.outcome("failed")
         return None
