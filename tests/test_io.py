@@ -59,14 +59,22 @@ def test_keyboard_interrupt_leaves_no_target(tmp_path):
 
 def test_overwrite_replaces_and_refuses_without_flag(tmp_path):
     target = tmp_path / "t"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
+    with atomic_output_dir(target) as tmp:
+        (tmp / "old.txt").write_text("old")
     with pytest.raises(UserError, match="not empty"):
         with atomic_output_dir(target):
             pass
     with atomic_output_dir(target, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
-    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in target.iterdir()) == ["kvconvert.json", "new.txt"]
+    assert provenance.read(target)["output"]["files"] == {"new.txt": 3}
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="did not write.*notes.txt.*--overwrite-foreign"):
+        with atomic_output_dir(target, overwrite=True):
+            pass
+    with atomic_output_dir(target, overwrite="foreign") as tmp:
+        (tmp / "newer.txt").write_text("newer")
+    assert sorted(p.name for p in target.iterdir()) == ["kvconvert.json", "newer.txt"]
 
 
 def test_output_inside_input_refused(tmp_path, tiny_folder):
