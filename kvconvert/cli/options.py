@@ -20,8 +20,15 @@ class _Overwrite(argparse.Action):
             setattr(namespace, self.dest, self.const)
 
 
+def _out_folder(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?); name the output folder")
+    return text
+
+
 def add_output_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or absent)")
+    p.add_argument("--out", required=True, metavar="DIR", type=_out_folder,
+                   help="output folder (must be empty or absent)")
     p.add_argument("--overwrite", action=_Overwrite, nargs=0, const=True, default=False,
                    help="replace an output folder holding a previous kvconvert output of the same kind (the "
                         "files removed are listed); refused if it holds files kvconvert did not write")
