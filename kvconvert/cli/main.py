@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 failed, 2 bad input or usage.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import os
@@ -71,8 +72,14 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         warnings.filterwarnings("ignore")
 
 
+@functools.lru_cache(maxsize=1)
+def _parser() -> argparse.ArgumentParser:
+    """Built once per process (in-process callers such as tests run many commands)."""
+    return build_parser()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = _parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:

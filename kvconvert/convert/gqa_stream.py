@@ -20,17 +20,20 @@ from ..io.safetensors_check import read_header
 from ..io.writer import FileSlice
 from ..models.expected_tensors import check_tensors
 
-_CHECKED: set[tuple] = set()
+_CHECKED: set[str] = set()
 
 
 def check_source_weights(source: ModelSource) -> None:
     """`UserError` (before anything is written) unless `source` holds every tensor its architecture needs,
-    with the shapes its config.json implies (headers only; once per unchanged set of files)."""
-    key = (str(source.path), tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size)
-                                   for f in [source.path / "config.json", *source.weight_files]))
+    with the shapes its config.json implies (headers only; once per config and set of headers)."""
+    import hashlib
+    import json
+
+    config, shapes = source.config_dict(), source.reader().shapes()
+    key = hashlib.sha256(json.dumps([config, sorted(shapes.items())], sort_keys=True, default=str).encode()).hexdigest()
     if key in _CHECKED:
         return
-    check_tensors(source.config_dict(), source.reader().shapes(), source.spec, source.trust_remote_code)
+    check_tensors(config, shapes, source.spec, source.trust_remote_code)
     _CHECKED.add(key)
 
 

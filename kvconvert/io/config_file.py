@@ -19,6 +19,7 @@ SIZES = ("hidden_size", "head_dim", "intermediate_size", "vocab_size", "max_posi
          "n_positions", "n_inner", "ffn_dim", "word_embed_proj_dim", "sliding_window")
 NUMBERS = ("rope_theta", "partial_rotary_factor", "rms_norm_eps", "layer_norm_eps", "rotary_pct")
 MAPPINGS = ("rope_parameters", "rope_scaling", "kvconvert_latent", "auto_map")
+NAME_LISTS = ("architectures",)
 MAX_SMALL = 2**16
 MAX_SIZE = 2**31
 
@@ -55,6 +56,10 @@ def check_config(data: Any, where: str = "config.json") -> None:
         value = data.get(key)
         if value is not None and (type(value) not in (int, float) or not math.isfinite(value) or value < 0):
             raise UserError(f"{where}: '{key}' is {value!r}; it must be a non-negative number")
+    for key in NAME_LISTS:
+        value = data.get(key)
+        if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+            raise UserError(f"{where}: '{key}' is {value!r}; it must be a list of class names")
     for key in MAPPINGS:
         value = data.get(key)
         if value is not None and not isinstance(value, dict):
