@@ -141,7 +141,8 @@ def test_02_missing_weight_is_refused_before_writing(cli, model, tmp_path):
 
 
 # 3 ---------------------------------------------------------------------------------------------------------
-def test_03_overwrite_never_deletes_foreign_files_without_the_second_flag(cli, model, tmp_path, caplog):
+def test_03_overwrite_never_deletes_foreign_files_without_the_second_flag(cli, model, tmp_path, caplog,
+                                                                         monkeypatch):
     u = tmp_path / "u"
     u.mkdir()
     (u / "notes.txt").write_text("p")
@@ -168,6 +169,19 @@ def test_03_overwrite_never_deletes_foreign_files_without_the_second_flag(cli, m
     said = err + caplog.text
     assert code == 0 and "README.md" in said and "not written by kvconvert" in said
     assert not (o / "README.md").exists() and not leftovers(tmp_path)
+
+    from kvconvert.io import atomic_output_dir
+
+    onnx = tmp_path / "onnx"
+    with atomic_output_dir(onnx, kind="onnx") as tmp:  # another kind of kvconvert output
+        (tmp / "model.onnx").write_bytes(b"graph")
+    before = snapshot(tmp_path)
+    assert_bad_input(*cli("mha-to-gqa", model, *GQA, "--out", onnx, "--overwrite")[::2], "onnx output",
+                     "not a checkpoint")
+    monkeypatch.chdir(onnx)
+    assert_bad_input(*cli("mha-to-gqa", model, *GQA, "--out", ".", "--overwrite-foreign")[::2], "current folder",
+                     "not a checkpoint")
+    assert snapshot(tmp_path) == before
 
 
 # 4 ---------------------------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def mha_to_gqa(model, cfg: GQAConfig, out, *, overwrite: bool = False, calib: Ca
     config = source.config_dict()
     view = describe(config)
     check_groups(view, cfg.groups)
-    check_target(out, overwrite, (source.path,))
+    check_target(out, overwrite, (source.path,), kind="checkpoint")
     check_source_weights(source)
     if cfg.method == "calibrated" or cfg.heal.steps:
         check_fits_in_ram(source.reader().num_parameters(), cfg.placement, student=cfg.heal.steps > 0)

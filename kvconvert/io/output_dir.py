@@ -102,7 +102,7 @@ def survey(target: Path) -> Survey:
             rel = (rel_root / name).as_posix()
             holds_files.update(p.as_posix() for p in Path(rel).parents if str(p) != ".")
             path = Path(root) / name
-            if rel == provenance.FILENAME or (not path.is_symlink() and listed.get(rel) == path.stat().st_size):
+            if rel == provenance.FILENAME or (path.is_file() and listed.get(rel) == path.stat().st_size):
                 result.ours.append(rel)
             else:
                 result.foreign.append(rel)
