@@ -332,7 +332,8 @@ def test_11_leftovers_of_a_killed_run_are_removed_or_named(cli, model, tmp_path,
     (stale,) = tmp_path.glob(".o.kvconvert-tmp-*")
     dead_pid = int(stale.name.split("-tmp-")[1].split("-")[0])
     old = tmp_path / f".o.kvconvert-old-{dead_pid}-abc123"
-    (old / "old").mkdir(parents=True)
+    old.mkdir()
+    (old / "partly-removed.bin").write_bytes(b"x")
     live = tmp_path / f".o.kvconvert-tmp-{os.getppid()}-live12"
     live.mkdir()
     code, _, err = cli("mha-to-gqa", model, *GQA, "--out", target)

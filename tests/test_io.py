@@ -160,3 +160,21 @@ def test_writer_serializes_every_dtype_and_copies_slices_exactly(tmp_path):
     assert got.keys() == src.keys()
     for k, v in src.items():
         assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
+def test_output_killed_between_the_two_renames_is_restored(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    target = tmp_path / "t"
+    with atomic_output_dir(target) as tmp:
+        (tmp / "a.txt").write_text("a")
+    trash = tmp_path / f".t.kvconvert-old-{int(dead.stdout)}-zz"
+    trash.mkdir()
+    target.rename(trash / "old")  # what a SIGKILL between moving the old output away and renaming the new in leaves
+    with pytest.raises(UserError, match="not empty"):
+        with atomic_output_dir(target):
+            pass
+    assert (target / "a.txt").read_text() == "a" and not trash.exists()
+    assert not list(tmp_path.glob(".t.kvconvert-*"))

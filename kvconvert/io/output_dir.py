@@ -194,9 +194,10 @@ def atomic_output_dir(target: str | os.PathLike, overwrite: bool | str = False, 
     finished folder's kvconvert.json lists every file written (`output.files`) and the output's `kind`
     (from `kind` or its last pass); the folder's mode follows the umask.
     """
+    if os.fspath(target) != "":
+        _leftovers(Path(target).resolve(), remove=True)
     check_target(target, overwrite, inputs, kind)
     target = Path(target).resolve()
-    _leftovers(target, remove=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}{os.getpid()}-", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())
@@ -251,10 +252,13 @@ def _replace(target: Path, tmp: Path, found: Survey | None) -> None:
             try:
                 tmp.rename(target)
             except BaseException:
-                (trash / "old").rename(target)
+                try:  # put the previous output back; if that fails too, the trash keeps it (named by the next run)
+                    (trash / "old").rename(target)
+                    trash.rmdir()
+                except OSError:
+                    pass
                 raise
-            finally:
-                shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(trash, ignore_errors=True)
             return
     _replace_entries(target, tmp)
 
@@ -307,6 +311,10 @@ def _leftovers(target: Path, remove: bool) -> None:
                 continue
             pid = int(m["pid"]) if m["pid"] else None
             if pid is not None and pid != os.getpid() and not _alive(pid):
+                if remove and OLD_MARK in entry.name and (entry / "old").is_dir() and not target.exists():
+                    (entry / "old").rename(target)  # killed between the two renames: the previous output is back
+                    log.warning("kvconvert: restored %s from %s, left by an interrupted kvconvert run (pid %d)",
+                                target, entry, pid)
                 if remove:
                     shutil.rmtree(entry, ignore_errors=True)
                     log.warning("kvconvert: removed %s, left by an interrupted kvconvert run (pid %d)", entry, pid)
