@@ -59,14 +59,22 @@ def test_keyboard_interrupt_leaves_no_target(tmp_path):
 
 def test_overwrite_replaces_and_refuses_without_flag(tmp_path):
     target = tmp_path / "t"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
+    with atomic_output_dir(target) as tmp:
+        (tmp / "old.txt").write_text("old")
     with pytest.raises(UserError, match="not empty"):
         with atomic_output_dir(target):
             pass
     with atomic_output_dir(target, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
-    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in target.iterdir()) == ["kvconvert.json", "new.txt"]
+    assert provenance.read(target)["output"]["files"] == {"new.txt": 3}
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="did not write.*notes.txt.*--overwrite-foreign"):
+        with atomic_output_dir(target, overwrite=True):
+            pass
+    with atomic_output_dir(target, overwrite="foreign") as tmp:
+        (tmp / "newer.txt").write_text("newer")
+    assert sorted(p.name for p in target.iterdir()) == ["kvconvert.json", "newer.txt"]
 
 
 def test_output_inside_input_refused(tmp_path, tiny_folder):
@@ -152,3 +160,21 @@ def test_writer_serializes_every_dtype_and_copies_slices_exactly(tmp_path):
     assert got.keys() == src.keys()
     for k, v in src.items():
         assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
+def test_output_killed_between_the_two_renames_is_restored(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    target = tmp_path / "t"
+    with atomic_output_dir(target) as tmp:
+        (tmp / "a.txt").write_text("a")
+    trash = tmp_path / f".t.kvconvert-old-{int(dead.stdout)}-zz"
+    trash.mkdir()
+    target.rename(trash / "old")  # what a SIGKILL between moving the old output away and renaming the new in leaves
+    with pytest.raises(UserError, match="not empty"):
+        with atomic_output_dir(target):
+            pass
+    assert (target / "a.txt").read_text() == "a" and not trash.exists()
+    assert not list(tmp_path.glob(".t.kvconvert-*"))

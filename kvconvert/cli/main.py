@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 failed, 2 bad input or usage.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import os
@@ -71,8 +72,14 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         warnings.filterwarnings("ignore")
 
 
+@functools.lru_cache(maxsize=1)
+def _parser() -> argparse.ArgumentParser:
+    """Built once per process (in-process callers such as tests run many commands)."""
+    return build_parser()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = _parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
@@ -85,20 +92,42 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"kvconvert: error: {exc}", file=sys.stderr)
+        _say(f"kvconvert: error: {_one_line(exc)}")
         return 2
     except PassFailed as exc:
-        print(f"kvconvert: failed: {exc}", file=sys.stderr)
+        _say(f"kvconvert: failed: {_one_line(exc)}")
         return 1
     except KeyboardInterrupt:
-        print("kvconvert: interrupted; nothing was written", file=sys.stderr)
+        _say("kvconvert: interrupted; nothing was written")
         return 1
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        _close_progress_bars()
         if verbose >= 2:
             traceback.print_exc()
         msg = (str(exc).splitlines() or [""])[0]
-        print(f"kvconvert: failed: {type(exc).__name__}: {msg} (run with -vv for the traceback)", file=sys.stderr)
+        _say(f"kvconvert: failed: {type(exc).__name__}: {msg} (run with -vv for the traceback)")
         return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _close_progress_bars() -> None:
+    """Clear progress bars an exception left open, so the error starts a line of its own."""
+    bars = set()
+    for module in ("tqdm.std", "tqdm.auto", "tqdm.asyncio"):
+        bars.update(getattr(getattr(sys.modules.get(module), "tqdm", None), "_instances", ()) or ())
+    for bar in bars:
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a broken bar must not hide the error
+            pass
+
+
+def _say(line: str) -> None:
+    _close_progress_bars()
+    print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

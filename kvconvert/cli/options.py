@@ -12,9 +12,29 @@ def add_source_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
 
 
+class _Overwrite(argparse.Action):
+    """--overwrite (True) and --overwrite-foreign ("foreign") share `args.overwrite`; the stronger one wins."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, False) != "foreign":
+            setattr(namespace, self.dest, self.const)
+
+
+def _out_folder(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?); name the output folder")
+    return text
+
+
 def add_output_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or absent)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--out", required=True, metavar="DIR", type=_out_folder,
+                   help="output folder (must be empty or absent)")
+    p.add_argument("--overwrite", action=_Overwrite, nargs=0, const=True, default=False,
+                   help="replace an output folder holding a previous kvconvert output of the same kind (the "
+                        "files removed are listed); refused if it holds files kvconvert did not write")
+    p.add_argument("--overwrite-foreign", dest="overwrite", action=_Overwrite, nargs=0, const="foreign",
+                   help="like --overwrite, and also delete files kvconvert did not write in that folder (never "
+                        "the current or home folder)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
 
 

@@ -31,7 +31,7 @@ from ..io.writer import write_json
 from ..models import AttentionView, describe
 from .gqa_layout import kv_roles
 from .gqa_mean import mean_pool_tensor
-from .gqa_stream import iter_source_tensors, write_converted
+from .gqa_stream import check_source_weights, iter_source_tensors, write_converted
 from .heal import HealConfig, heal, heal_batches
 from .placement import PlacementConfig, check_fits_in_ram, load_reference
 
@@ -115,7 +115,8 @@ def mha_to_gqa(model, cfg: GQAConfig, out, *, overwrite: bool = False, calib: Ca
     config = source.config_dict()
     view = describe(config)
     check_groups(view, cfg.groups)
-    check_target(Path(out), overwrite, (source.path,))
+    check_target(out, overwrite, (source.path,), kind="checkpoint")
+    check_source_weights(source)
     if cfg.method == "calibrated" or cfg.heal.steps:
         check_fits_in_ram(source.reader().num_parameters(), cfg.placement, student=cfg.heal.steps > 0)
     fit_data, heal_data = _calibration(source, cfg, calib)

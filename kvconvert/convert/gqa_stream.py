@@ -15,22 +15,43 @@ import torch
 from tqdm.auto import tqdm
 
 from ..io import ModelSource, ShardedWriter
+from ..io.reader import check_finite
 from ..io.safetensors_check import read_header
 from ..io.writer import FileSlice
+from ..models.expected_tensors import check_tensors
+
+_CHECKED: set[str] = set()
+
+
+def check_source_weights(source: ModelSource) -> None:
+    """`UserError` (before anything is written) unless `source` holds every tensor its architecture needs,
+    with the shapes its config.json implies (headers only; once per config and set of headers)."""
+    import hashlib
+    import json
+
+    config, shapes = source.config_dict(), source.reader().shapes()
+    key = hashlib.sha256(json.dumps([config, sorted(shapes.items())], sort_keys=True, default=str).encode()).hexdigest()
+    if key in _CHECKED:
+        return
+    check_tensors(config, shapes, source.spec, source.trust_remote_code)
+    _CHECKED.add(key)
 
 
 def iter_source_tensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) in checkpoint order, loading one tensor at a time from safetensors shards."""
+    """(name, tensor) in checkpoint order, loading one tensor at a time from safetensors shards (NaN/Inf
+    refused)."""
     reader = source.reader()
     if reader.format != "safetensors":
-        yield from reader.iter_tensors()
+        for f, tensors in reader.iter_shards():
+            for name, t in tensors.items():
+                yield name, check_finite(name, t, f)
         return
     from safetensors import safe_open
 
     for f, names in reader.names_by_file().items():
         with safe_open(str(f), framework="pt") as sf:
             for name in names:
-                yield name, sf.get_tensor(name)
+                yield name, check_finite(name, sf.get_tensor(name), f)
 
 
 def write_converted(source: ModelSource, folder: Path, convert: Callable[[str, torch.Tensor], torch.Tensor],
@@ -39,8 +60,10 @@ def write_converted(source: ModelSource, folder: Path, convert: Callable[[str, t
     """Stream every tensor of `source` through `convert(name, tensor)` into sharded safetensors in `folder`.
 
     `changes(name)` says which tensors `convert` may change (None: all); the others are copied as bytes.
-    Returns {"files": [...], "bytes_written": n, "tensors": n}.
+    Every tensor the architecture needs must be present with its expected shape (`check_source_weights`);
+    decoded tensors holding NaN/Inf are refused. Returns {"files": [...], "bytes_written": n, "tensors": n}.
     """
+    check_source_weights(source)
     reader = source.reader()
     writer = ShardedWriter(folder, max_shard_bytes, metadata={"kvconvert": "mha_to_gqa"})
     bar = tqdm(total=len(reader.shapes()), desc=desc, disable=not progress, leave=False)
@@ -58,7 +81,7 @@ def write_converted(source: ModelSource, folder: Path, convert: Callable[[str, t
             with safe_open(str(f), framework="pt") as sf:
                 for name in in_file_order:  # sequential reads; adjacent unchanged tensors copy as one range
                     if changes(name):
-                        writer.add(name, convert(name, sf.get_tensor(name)))
+                        writer.add(name, convert(name, check_finite(name, sf.get_tensor(name), f)))
                     else:
                         info = header[name]
                         start, stop = info["data_offsets"]

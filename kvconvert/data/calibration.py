@@ -36,6 +36,7 @@ class CalibConfig(StrictConfig):
 
 
 def load_text(source: str) -> str:
+    """The whole text of `source`; `UserError` unless it is readable UTF-8 text (`check_text`)."""
     if source == "builtin:pydoc-topics":
         from pydoc_data.topics import topics
 
@@ -43,27 +44,64 @@ def load_text(source: str) -> str:
     if source == "builtin:gpl3":
         return (TEXTS / "gpl-3.0.txt").read_text()
     if source.startswith("hf:"):
-        return _hub_dataset(source[3:])
+        return check_text(_hub_dataset(source[3:]), source)
     path = Path(source).expanduser()
     if not path.is_file():
         raise UserError(f"text source not found: {source} (a .txt/.jsonl/.parquet file, hf:NAME, "
                         "builtin:pydoc-topics or builtin:gpl3)")
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        try:
-            return "\n\n".join(r["text"] for r in rows)
-        except (KeyError, TypeError):
-            raise UserError(f"{source}: every JSONL line needs a 'text' field") from None
+        return check_text("\n\n".join(_jsonl_texts(path)), source)
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise UserError("reading .parquet needs pyarrow: pip install pyarrow") from None
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises its own error types for damaged files
+            raise UserError(f"{source} is not a readable parquet file ({str(exc).splitlines()[0][:120]})") from None
         if "text" not in table.column_names:
             raise UserError(f"{source}: no 'text' column (columns: {', '.join(table.column_names)})")
-        return "\n\n".join(str(t) for t in table.column("text").to_pylist())
-    return path.read_text(errors="replace")
+        return check_text("\n\n".join(str(t) for t in table.column("text").to_pylist()), source)
+    return check_text(decode_text(path.read_bytes(), source), source)
+
+
+def decode_text(raw: bytes, where: str) -> str:
+    """Strict UTF-8 (a BOM is dropped); `UserError` naming the line of the first byte that is not text."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise UserError(f"{where} is not UTF-8 text (byte {exc.start}, line {line}); calibration and evaluation "
+                        "need plain text: pass a .txt/.jsonl/.parquet file of text") from None
+
+
+def check_text(text: str, where: str) -> str:
+    """`text` itself; `UserError` if it is empty or looks binary (NUL bytes or over 1% control characters)."""
+    if not text.strip():
+        raise UserError(f"{where} holds no text; pass a file with some text in it")
+    control = sum(1 for c in text if (c < " " and c not in "\n\r\t\f\v") or c == "\x7f")
+    if "\x00" in text or control > 0.01 * len(text):
+        raise UserError(f"{where} looks binary ({control} control characters in {len(text)}), not text; "
+                        "pass a .txt/.jsonl/.parquet file of text")
+    return text
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    """The `text` field of every line; `UserError` naming file:line of the first bad one."""
+    texts = []
+    for n, line in enumerate(decode_text(path.read_bytes(), str(path)).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{n}: not valid JSON ({exc.msg}, column {exc.colno}); each line of a .jsonl "
+                            "file is one object with a 'text' field") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise UserError(f"{path}:{n}: needs a 'text' field holding a string, e.g. {{\"text\": \"...\"}}")
+        texts.append(row["text"])
+    return texts
 
 
 def _hub_dataset(spec: str) -> str:

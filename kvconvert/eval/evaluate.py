@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -27,6 +28,8 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, progress: bool = False) ->
     t0 = time.perf_counter()
     ids = token_stream(tokenizer, load_text(cfg.text))
     ppl = perplexity(model, ids, chunk=cfg.chunk, max_tokens=cfg.max_tokens, progress=progress)
+    if not math.isfinite(ppl):
+        _non_finite(model, ppl, cfg.text)
     view = describe(model.config)
     return {
         "perplexity": ppl,
@@ -37,6 +40,20 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, progress: bool = False) ->
         "parameters": sum(p.numel() for p in model.parameters()),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def _non_finite(model, ppl: float, text: str) -> None:
+    """A perplexity of nan/inf is a damaged model, not a measurement: name the likely cause."""
+    import torch
+
+    from ..errors import PassFailed, UserError
+
+    bad = next((n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()), None)
+    if bad:
+        raise UserError(f"perplexity on {text} is {ppl}: tensor '{bad}' holds NaN/Inf values, so the checkpoint is "
+                        "damaged; re-download or re-export it")
+    raise PassFailed(f"perplexity on {text} is {ppl}: the logits overflow although no weight is NaN/Inf; evaluate "
+                     "in fp32 or check how the model was trained or converted")
 
 
 def evaluate_source(source, cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:

@@ -8,6 +8,7 @@ pass sees the same kind of input.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .config_file import read_config
 from .hashing import CONTENT_HASH, cache_dir, file_hash, folder_hash
 from .safetensors_check import read_header
 
@@ -47,20 +49,34 @@ class ModelSource:
     _hash: str | None = field(default=None, repr=False)
 
     def config_dict(self) -> dict[str, Any]:
-        return json.loads((self.path / "config.json").read_text())
+        return read_config(self.path / "config.json", self.spec)
 
     def side_files(self) -> list[Path]:
-        return [self.path / n for n in SIDE_FILES if (self.path / n).is_file()]
+        return [self.path / n for n in SIDE_FILES if (self.path / n).is_file()] + code_files(self.path)
 
     def load_config(self):
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        with self._remote_code_advice():
+            return AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        with self._remote_code_advice():
+            return AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+
+    @contextlib.contextmanager
+    def _remote_code_advice(self):
+        """transformers' refusal to run a model's own code, as one line saying which flag allows it."""
+        try:
+            yield
+        except ValueError as exc:
+            if self.trust_remote_code or "trust_remote_code" not in str(exc):
+                raise
+            modules = ", ".join(p.name for p in code_files(self.path)) or "its auto_map modules"
+            raise UserError(f"{self.spec} ships its own model code ({modules}); read it, then pass "
+                            "--trust-remote-code to run it") from None
 
     def load_model(self, dtype: Any = None, device_map: Any = None, **placement: Any):
         """The transformers model (fp32 by default); latent folders go through kvconvert's runtime.
@@ -71,13 +87,14 @@ class ModelSource:
 
         import kvconvert  # noqa: F401  (registers kvconvert's own model types)
 
-        return AutoModelForCausalLM.from_pretrained(
-            self.path,
-            dtype=dtype or torch.float32,
-            device_map=device_map,
-            trust_remote_code=self.trust_remote_code,
-            **{k: v for k, v in placement.items() if v is not None},
-        ).eval()
+        with self._remote_code_advice():
+            return AutoModelForCausalLM.from_pretrained(
+                self.path,
+                dtype=dtype or torch.float32,
+                device_map=device_map,
+                trust_remote_code=self.trust_remote_code,
+                **{k: v for k, v in placement.items() if v is not None},
+            ).eval()
 
     def reader(self):
         from .reader import CheckpointReader
@@ -118,15 +135,37 @@ def resolve_source(spec: str | os.PathLike, *, allow_pickle: bool = False,
     raise UserError(f"model not found: {spec} (give an HF folder, a .gguf file, a hub id or builtin:smollm2-135m)")
 
 
+def code_files(folder: Path) -> list[Path]:
+    """The model's own Python modules named by `auto_map` in config.json / tokenizer_config.json."""
+    found: set[Path] = set()
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((folder / name).read_text()).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        refs = auto_map.values() if isinstance(auto_map, dict) else auto_map if isinstance(auto_map, list) else []
+        for ref in refs:
+            for item in ref if isinstance(ref, list) else [ref]:
+                if isinstance(item, str) and "." in item:
+                    module = item.split("--")[-1].rsplit(".", 1)[0]
+                    f = folder / (module.replace(".", "/") + ".py")
+                    if f.is_file() and f.resolve().is_relative_to(folder.resolve()):
+                        found.add(f)
+    return sorted(found)
+
+
 def _folder(spec: str, path: Path, kind: str, allow_pickle: bool, trust_remote_code: bool) -> ModelSource:
     if not (path / "config.json").is_file():
         raise UserError(f"{spec} has no config.json; pass a Hugging Face model folder")
+    read_config(path / "config.json", spec)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise UserError(f"corrupt index {index}: {exc}") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ValueError("weight_map is not a mapping of tensor names to file names")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise UserError(f"corrupt index {index}: {exc}; re-download the model") from None
         files = sorted({path / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .sources import SIDE_FILES
+from .sources import SIDE_FILES, code_files
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 PAGE = 4096
@@ -193,13 +193,19 @@ def _copy_range(src: Path, offset: int, nbytes: int, out) -> None:
 
 
 def copy_side_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
-    """Copy config, generation config and tokenizer files (not weights) from `src` to `dst`."""
+    """Copy config, generation config and tokenizer files (not weights) from `src` to `dst`, and the Python
+    modules their `auto_map` names (copied, never run), so the output loads with --trust-remote-code as the
+    input did."""
     for name in SIDE_FILES:
         if name in skip:
             continue
         f = Path(src) / name
         if f.is_file():
             shutil.copy2(f, Path(dst) / name)
+    for f in code_files(Path(src)):
+        rel = f.relative_to(Path(src))
+        (Path(dst) / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, Path(dst) / rel)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -48,12 +48,17 @@ def describe(config: Any) -> AttentionView:
     model_type = _get(config, "model_type")
     if model_type is None:
         raise UserError("config has no 'model_type'; is this a Hugging Face causal LM config.json?")
-    view = get_adapter(model_type).view(config)
-    latent = _get(config, "kvconvert_latent")
-    if latent and latent.get("kv_widths"):
-        from dataclasses import replace
+    adapter = get_adapter(model_type)
+    try:
+        view = adapter.view(config)
+        latent = _get(config, "kvconvert_latent")
+        if latent and latent.get("kv_widths"):
+            from dataclasses import replace
 
-        view = replace(view, kv_widths=tuple(tuple(int(x) for x in w) for w in latent["kv_widths"]))
+            view = replace(view, kv_widths=tuple(tuple(int(x) for x in w) for w in latent["kv_widths"]))
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as exc:
+        raise UserError(f"config.json ({model_type}) has a missing or invalid field ({type(exc).__name__}: "
+                        f"{exc}); restore it from the original model") from None
     return view
 
 

@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..models import AttentionView, describe
 from .schema import Recipe
 from .steps import STEPS
@@ -47,7 +48,10 @@ def plan_rows(recipe: Recipe, view: AttentionView | None) -> list[dict[str, Any]
         spec = STEPS[step.step]
         acts_on = model_at
         if view is not None and spec.plan is not None:
-            view = spec.plan(view, step.config)
+            try:
+                view = spec.plan(view, step.config)
+            except UserError as exc:
+                raise UserError(f"steps[{i}] ({step.step}) on {acts_on}: {exc}") from None
         if spec.writes == "model":
             model_at = folder
         row = _row(i, step.step, folder, acts_on, view, h)

@@ -159,10 +159,35 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, force: bool = False, p
         handler.close()
 
 
+def step_files(folder: Path) -> dict[str, int]:
+    """Relative path -> size of every file a step left in its folder (recorded in run-state.json)."""
+    if not folder.is_dir():
+        return {}
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def clear_step_folder(folder: Path, previous: dict[str, Any] | None) -> None:
+    """Remove what the step's earlier run wrote (as recorded, same size), so it re-runs into a clean folder;
+    anything else in the folder is left for the pass's output guard to refuse."""
+    files = (previous or {}).get("files")
+    if not isinstance(files, dict) or not folder.is_dir():
+        return
+    for rel, size in files.items():
+        f = folder / rel
+        if f.is_file() and not f.is_symlink() and f.resolve().is_relative_to(folder.resolve()) \
+                and f.stat().st_size == size:
+            f.unlink()
+    for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(d.iterdir()):
+            d.rmdir()
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def _run_step(spec, config, ctx: StepContext, key: str, cfg_json: dict[str, Any], state: dict[str, Any],
               out: Path) -> dict[str, Any]:
     folder = ctx.out
-    state["steps"].pop(folder.name, None)
+    clear_step_folder(folder, state["steps"].pop(folder.name, None))
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         result = spec.run(config, ctx)
@@ -183,6 +208,7 @@ def _run_step(spec, config, ctx: StepContext, key: str, cfg_json: dict[str, Any]
         artifact = Path(result.artifact).resolve()
         rec["artifact"] = str(artifact.relative_to(out))
         rec["output_hash"] = artifact_hash(artifact)
+    rec["files"] = step_files(folder)
     return rec
 
 

@@ -122,6 +122,12 @@ def loads_recipe(text: str, where: str = "recipe") -> Recipe:
 def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise UserError(f"{where}: a recipe is a mapping with version, model and steps")
+    valid = [*RecipeHeader.model_fields, "steps"]
+    for key in data:
+        if key not in valid:
+            hint = closest(str(key), valid)
+            raise UserError(f"unknown key '{key}' at the top of {where}" + (f" (did you mean '{hint}'?)" if hint else "")
+                            + f"; valid keys: {', '.join(valid)}")
     if "version" not in data:
         raise UserError(f"{where}: add 'version: {VERSION}' at the top of the recipe")
     if data["version"] != VERSION:
@@ -130,11 +136,21 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     data = dict(data)
     steps = data.pop("steps", None)
     header = validate(RecipeHeader, data, where)
+    check_run_name(header.name, where)
     if not isinstance(steps, list) or not steps:
         raise UserError(f"{where}: 'steps' must be a non-empty list of steps (each a mapping with 'step: NAME')")
     parsed = [_parse_step(raw, i, header, where) for i, raw in enumerate(steps, 1)]
     _check_artifacts(parsed, where)
     return Recipe(header, parsed)
+
+
+def check_run_name(name: str | None, where: str = "recipe") -> None:
+    """A recipe `name` becomes the folder runs/<name>: one plain folder name, never a path."""
+    if name is None:
+        return
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute():
+        raise UserError(f"{where}: name {name!r} must be a plain folder name (no '/', '\\', '..'); runs go to "
+                        "runs/<name>, or pass --out DIR to choose the folder")
 
 
 def _parse_step(raw: Any, index: int, header: RecipeHeader, where: str) -> RecipeStep:

@@ -137,8 +137,15 @@ def _heal(cfg: HealConfig, ctx: StepContext) -> StepResult:
     return StepResult(metrics={**metrics, "losses": res["losses"]}, artifact=ctx.out)
 
 
-@register("mha_to_gqa", GQAConfig, writes="model",
-          plan=lambda view, cfg: replace(view, num_kv_heads=cfg.groups, kv_widths=()))
+def _gqa_plan(view: AttentionView, cfg: GQAConfig) -> AttentionView:
+    """The group count is checked against the model as the real run checks it."""
+    from ..convert.gqa import check_groups
+
+    check_groups(view, cfg.groups)
+    return replace(view, num_kv_heads=cfg.groups, kv_widths=())
+
+
+@register("mha_to_gqa", GQAConfig, writes="model", plan=_gqa_plan)
 def _mha_to_gqa(cfg: GQAConfig, ctx: StepContext) -> StepResult:
     """Merge KV heads into `groups` (mean or calibrated, optional healing) (kvconvert.convert.gqa)."""
     from ..convert.gqa import mha_to_gqa
@@ -147,18 +154,24 @@ def _mha_to_gqa(cfg: GQAConfig, ctx: StepContext) -> StepResult:
     return StepResult(metrics=res.metrics, artifact=res.out, figures=pass_perplexity(res.metrics))
 
 
-@register("sparse_policy", SparsePolicy, writes="policy")
-def _sparse_policy(cfg: SparsePolicy, ctx: StepContext) -> StepResult:
-    """Choose the sparse attention policy later steps use (written as policy.yaml; kvconvert.runtime.sparse)."""
+def _policy_plan(view: AttentionView, cfg: SparsePolicy) -> AttentionView:
+    """The layers a policy names must exist in the model (the real run checks the same)."""
     from ..errors import UserError
-    from ..models import describe
-    from .sparse_read import decode_read_fraction
 
-    view = describe(ctx.model().config_dict())
     named = set(cfg.layers) | {i for p in (cfg.decode, cfg.prefill) for i in getattr(p, "dense_layers", [])}
     if any(not 0 <= i < view.num_layers for i in named):
         raise UserError(f"sparse_policy names layers {sorted(named)} but the model has {view.num_layers} layers "
                         f"(0..{view.num_layers - 1})")
+    return view
+
+
+@register("sparse_policy", SparsePolicy, writes="policy", plan=_policy_plan)
+def _sparse_policy(cfg: SparsePolicy, ctx: StepContext) -> StepResult:
+    """Choose the sparse attention policy later steps use (written as policy.yaml; kvconvert.runtime.sparse)."""
+    from ..models import describe
+    from .sparse_read import decode_read_fraction
+
+    view = _policy_plan(describe(ctx.model().config_dict()), cfg)
     path = ctx.out / "policy.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -183,7 +196,11 @@ def _export_onnx(cfg: OnnxExportConfig, ctx: StepContext) -> StepResult:
 
 
 def _latent_plan(view: AttentionView, cfg: LatentConfig) -> AttentionView:
-    """Uniform widths with the same total budget fit_latent allocates (per layer ranks may differ)."""
+    """Uniform widths with the same total budget fit_latent allocates (per layer ranks may differ); the
+    input is checked as the real run checks it."""
+    from ..convert.latent import _check_input
+
+    _check_input(view, cfg)
     width = view.kv_width
     per = 2 * width if cfg.joint_kv else width
     r = cfg.rank if cfg.rank is not None else max(1, round(cfg.kv_ratio * per))
