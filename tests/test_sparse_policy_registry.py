@@ -14,15 +14,8 @@ from tiny_models import tiny_model
 import kvconvert
 from kvconvert.errors import UserError
 from kvconvert.kernels import sink_window_decode, sink_window_decode_reference, sink_window_prefill_reference
-from kvconvert.runtime.sparse import (
-    Policy,
-    SparsePolicy,
-    parse_policy_spec,
-    policy_class,
-    policy_kinds,
-    register_policy,
-    unregister_policy,
-)
+from kvconvert.runtime.sparse import Policy, SparsePolicy, parse_policy_spec
+from kvconvert.runtime.sparse.policies import policy_class, policy_kinds, register_policy, unregister_policy
 
 
 class RecentWindowPolicy(Policy):
