@@ -51,9 +51,11 @@ def config_classes(annotation: Any) -> list[type[BaseModel]]:
 
 
 def config_class(annotation: Any) -> type[BaseModel] | None:
-    """The first config class `annotation` holds, else None."""
-    found = config_classes(annotation)
-    return found[0] if found else None
+    """The config class of a field annotated `X`, `X | None`, `list[X]` ... (one level), else None."""
+    for cand in (annotation, *typing.get_args(annotation)):
+        if isinstance(cand, type) and issubclass(cand, BaseModel):
+            return cand
+    return None
 
 
 def describe_validation_error(cls: type[BaseModel], exc: ValidationError, where: str) -> str:

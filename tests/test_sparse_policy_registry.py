@@ -62,7 +62,8 @@ def test_toy_policy_is_a_spec_and_a_yaml_kind(toy, tmp_path):
     mixed = parse_policy_spec("recent_window:window=8+page_topk:page=16")
     assert mixed.decode.kind == "page_topk" and isinstance(mixed.prefill, toy)
     f = tmp_path / "p.yaml"
-    f.write_text("decode: {kind: recent_window, window: 16}\nlayers: {1: {decode: {kind: recent_window, window: 4}}}\n")
+    f.write_text("decode: {kind: recent_window, window: 16}\n"
+                 "layers: {1: {decode: {kind: recent_window, window: 4}}}\n")
     q = parse_policy_spec(str(f))
     assert q.for_layer(0).decode.window == 16 and q.for_layer(1).decode.window == 4
     assert parse_policy_spec(q.model_dump()) == q
@@ -143,7 +144,8 @@ def test_toy_policy_exports_and_validates(toy, tiny_folder, tmp_path):
     meta = json.loads(onnx.load(str(res.out / "model.onnx"), load_external_data=False).metadata_props[0].value)
     assert meta["policy_resolved"]["decode"]["kind"] == "recent_window"
     attrs = meta["attention"]["attributes"]
-    assert (attrs["policy"], attrs["policy_decode_sink"], attrs["policy_decode_window"]) == ("recent_window", 0, 8)
+    assert (attrs["policy"], attrs["policy_decode_sink"], attrs["policy_decode_window"]) == \
+        ("recent_window", 0, 8)
 
 
 def test_policy_without_lowering_is_refused_by_the_export():

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import os
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal

@@ -8,4 +8,5 @@ def decode_read_fraction(policy, num_layers: int, context: int) -> float:
     (each phase policy's own `decode_read` formula, the one the runtime's read statistics use)."""
     if not num_layers:
         return 1.0
-    return sum(policy.for_layer(layer).decode.decode_read(context) / context for layer in range(num_layers)) / num_layers
+    reads = [policy.for_layer(layer).decode.decode_read(context) for layer in range(num_layers)]
+    return sum(r / context for r in reads) / num_layers

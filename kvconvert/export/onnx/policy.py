@@ -71,8 +71,8 @@ def bind_policy(spec: str | None, view: AttentionView, max_context: int) -> Poli
             lowerings.add(p.onnx_lowering)
             size = p.onnx_context_multiple()
             if max_context % size:
-                raise UserError(f"--max-context {max_context} is not a multiple of the {p.context_multiple_label} "
-                                f"{size}; use e.g. {-(-max_context // size) * size}")
+                raise UserError(f"--max-context {max_context} is not a multiple of the "
+                                f"{p.context_multiple_label} {size}; use e.g. {-(-max_context // size) * size}")
     longest = max(p.validate_length() for p in policy.phase_policies())
-    return PolicyBinding(str(spec), policy.model_dump(), layers, lambda model: sparse(model, policy, use_kernels=False),
-                         longest, frozenset(lowerings))
+    return PolicyBinding(str(spec), policy.model_dump(), layers,
+                         lambda model: sparse(model, policy, use_kernels=False), longest, frozenset(lowerings))

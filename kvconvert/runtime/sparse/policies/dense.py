@@ -27,7 +27,8 @@ def dense_prefill(q, k, v, scale: float):
     sq, sk = q.shape[2], k.shape[2]
     mask = None
     if sk != sq:
-        mask = torch.arange(sk, device=q.device)[None, :] <= (sk - sq + torch.arange(sq, device=q.device))[:, None]
+        rows = sk - sq + torch.arange(sq, device=q.device)
+        mask = torch.arange(sk, device=q.device)[None, :] <= rows[:, None]
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
 
