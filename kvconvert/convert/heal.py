@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..config import StrictConfig
 from ..data.calibration import CalibConfig, CalibrationData, iterate, load_text, token_stream
 from ..errors import UserError
-from ..runtime.placement import input_device
+from ..runtime.input_device import input_device
 
 
 class HealConfig(StrictConfig):

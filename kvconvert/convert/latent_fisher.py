@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import AttentionView
-from ..runtime.placement import input_device
+from ..runtime.input_device import input_device
 
 
 def _kv_modules(model, view: AttentionView, layer: int):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..config import StrictConfig
 from ..errors import UserError
 from ..runtime.cache_io import cache_of, with_cache
-from ..runtime.placement import input_device
+from ..runtime.input_device import input_device
 from ..runtime.sparse.policies import DensePolicy, PageTopKPolicy, SparsePolicy, parse_policy_spec
 
 INSTRUCTION = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "

@@ -7,7 +7,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from ..runtime.placement import input_device
+from ..runtime.input_device import input_device
 
 
 @torch.no_grad()

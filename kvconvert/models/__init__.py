@@ -1,5 +1,6 @@
 """Architecture adapters: describe models, never act on them."""
 
+from . import adapters  # noqa: F401  (registers the built-in adapters)
 from .registry import (
     ArchitectureAdapter,
     describe,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from .registry import ArchitectureAdapter, register
+from .registry import ArchitectureAdapter, get_adapter, register
 from .view import AttentionView, ProjectionNames, RopeSpec
 
 
@@ -176,12 +177,8 @@ class LatentKVAdapter(ArchitectureAdapter):
     gqa_note = "latent checkpoints are not re-grouped; run mha-to-gqa before fit-latent"
 
     def view(self, config: Any) -> AttentionView:
-        from dataclasses import replace
-
-        from .registry import get_adapter
-
         base_type = self.get(config, "base_model_type") or "llama"
         base = get_adapter(base_type).view(config)
         names = ProjectionNames(o=base.names.o, q_norm=base.names.q_norm, k_norm=base.names.k_norm)
         return replace(base, model_type="kvconvert_latent", names=names, supports_gqa=False,
-                       gqa_note=f"kvconvert_latent: {self.gqa_note}")
+                       gqa_note=f"kvconvert_latent: {self.gqa_note}", kv_widths=self.declared_kv_widths(config))

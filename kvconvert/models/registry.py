@@ -1,7 +1,12 @@
-"""Registry of architecture adapters, keyed by Hugging Face `model_type`."""
+"""Registry of architecture adapters, keyed by Hugging Face `model_type`.
+
+The built-in adapters (`adapters.py`) register themselves when `kvconvert.models` is imported; this module
+imports none of them.
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, TypeVar
 
 from ..errors import UserError
@@ -23,17 +28,14 @@ def register(*model_types: str) -> Callable[[A], A]:
 
 
 def registered_model_types() -> list[str]:
-    _ensure_loaded()
     return sorted(_ADAPTERS)
 
 
 def gqa_capable_model_types() -> list[str]:
-    _ensure_loaded()
     return sorted(mt for mt, cls in _ADAPTERS.items() if cls.supports_gqa)
 
 
 def get_adapter(model_type: str) -> "ArchitectureAdapter":
-    _ensure_loaded()
     try:
         return _ADAPTERS[model_type]()
     except KeyError:
@@ -50,26 +52,16 @@ def describe(config: Any) -> AttentionView:
         raise UserError("config has no 'model_type'; is this a Hugging Face causal LM config.json?")
     adapter = get_adapter(model_type)
     try:
-        view = adapter.view(config)
-        latent = _get(config, "kvconvert_latent")
-        if latent and latent.get("kv_widths"):
-            from dataclasses import replace
-
-            view = replace(view, kv_widths=tuple(tuple(int(x) for x in w) for w in latent["kv_widths"]))
+        return adapter.describe(config)
     except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as exc:
         raise UserError(f"config.json ({model_type}) has a missing or invalid field ({type(exc).__name__}: "
                         f"{exc}); restore it from the original model") from None
-    return view
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
     if isinstance(config, dict):
         return config.get(key, default)
     return getattr(config, key, default)
-
-
-def _ensure_loaded() -> None:
-    from . import adapters  # noqa: F401  (registers the built-in adapters)
 
 
 class ArchitectureAdapter:
@@ -84,5 +76,17 @@ class ArchitectureAdapter:
 
     def view(self, config: Any) -> AttentionView:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def describe(self, config: Any) -> AttentionView:
+        """`view(config)` with the per-layer cache widths the config declares, if any
+        (`kvconvert_latent.kv_widths`; the exports refuse them on a model type that is not kvconvert_latent)."""
+        view = self.view(config)
+        widths = self.declared_kv_widths(config)
+        return replace(view, kv_widths=widths) if widths else view
+
+    @staticmethod
+    def declared_kv_widths(config: Any) -> tuple[tuple[int, int], ...]:
+        latent = _get(config, "kvconvert_latent") or {}
+        return tuple(tuple(int(x) for x in w) for w in latent.get("kv_widths") or ())
 
     get = staticmethod(_get)

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import copy
 import os
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
-from ..config import StrictConfig, closest
+from ..config import StrictConfig, closest, config_class, validated
 from ..data.calibration import CalibConfig
 from ..errors import UserError
 from .steps import STEPS
@@ -185,7 +184,7 @@ def with_run_defaults(raw: dict[str, Any], cls: type[BaseModel], header: RecipeH
     (recursively into nested configs such as `heal`); the step's own values win key by key."""
     out = dict(raw)
     for fname, finfo in cls.model_fields.items():
-        sub = _config_class(finfo.annotation)
+        sub = config_class(finfo.annotation)
         if fname == "calib" and sub is CalibConfig:
             given = out.get("calib", {})
             if isinstance(given, dict):
@@ -199,41 +198,10 @@ def with_run_defaults(raw: dict[str, Any], cls: type[BaseModel], header: RecipeH
     return out
 
 
-def _config_class(annotation: Any) -> type[BaseModel] | None:
-    for cand in (annotation, *typing.get_args(annotation)):
-        if isinstance(cand, type) and issubclass(cand, BaseModel):
-            return cand
-    return None
-
-
 def validate(cls: type[BaseModel], data: dict[str, Any], where: str):
     """`cls.model_validate(data)`; errors name the full key path and, for unknown keys, the closest
     valid key of the (possibly nested) config that holds it."""
-    try:
-        return cls.model_validate(data)
-    except ValidationError as exc:
-        parts = []
-        for err in exc.errors():
-            keys = [str(p) for p in err["loc"]]
-            loc = ".".join(keys)
-            if err["type"] == "extra_forbidden":
-                owner = _owner(cls, err["loc"][:-1])
-                valid = list(owner.model_fields) if owner else []
-                hint = closest(keys[-1], valid)
-                parts.append(f"unknown key '{loc}' in {where}" + (f" (did you mean '{hint}'?)" if hint else "")
-                             + (f"; valid keys: {', '.join(valid)}" if valid else ""))
-            else:
-                parts.append(f"{where}: {loc}: {err['msg']}" if loc else f"{where}: {err['msg']}")
-        raise UserError("; ".join(parts)) from None
-
-
-def _owner(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    owner: type[BaseModel] | None = cls
-    for key in loc:
-        if owner is None or not isinstance(key, str) or key not in owner.model_fields:
-            return owner if isinstance(key, int) else None
-        owner = _config_class(owner.model_fields[key].annotation)
-    return owner
+    return validated(cls, data, where)
 
 
 def apply_sets(data: Any, sets: list[str], where: str = "recipe") -> Any:

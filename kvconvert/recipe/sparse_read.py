@@ -4,17 +4,9 @@ from __future__ import annotations
 
 
 def decode_read_fraction(policy, num_layers: int, context: int) -> float:
-    """Mean over layers of (cached tokens read by one decode step) / context, for a `SparsePolicy`."""
-    from ..runtime.sparse import PageTopKPolicy, SinkWindowPolicy
-
-    total = 0.0
-    for layer in range(num_layers):
-        p = policy.for_layer(layer).decode
-        if isinstance(p, PageTopKPolicy):
-            read = min(context, p.pages_kept(context) * p.page)
-        elif isinstance(p, SinkWindowPolicy):
-            read = min(context, p.sink + p.window)
-        else:
-            read = context
-        total += read / context
-    return total / num_layers if num_layers else 1.0
+    """Mean over layers of (cached tokens read by one decode step) / context, for a `SparsePolicy`
+    (each phase policy's own `decode_read` formula, the one the runtime's read statistics use)."""
+    if not num_layers:
+        return 1.0
+    reads = [policy.for_layer(layer).decode.decode_read(context) for layer in range(num_layers)]
+    return sum(r / context for r in reads) / num_layers

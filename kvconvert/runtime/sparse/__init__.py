@@ -5,13 +5,19 @@ from .policies import (
     DensePolicy,
     LayerPolicy,
     PageTopKPolicy,
+    Policy,
     SinkWindowPolicy,
     SparsePolicy,
     parse_policy_spec,
+    policy_class,
+    policy_kinds,
+    register_policy,
+    unregister_policy,
 )
 
-__all__ = ["BlockSparsePrefillPolicy", "DensePolicy", "LayerPolicy", "PageTopKPolicy", "SinkWindowPolicy",
-           "SparsePolicy", "parse_policy_spec", "sparse"]
+__all__ = ["BlockSparsePrefillPolicy", "DensePolicy", "LayerPolicy", "PageTopKPolicy", "Policy", "SinkWindowPolicy",
+           "SparsePolicy", "parse_policy_spec", "policy_class", "policy_kinds", "register_policy", "sparse",
+           "unregister_policy"]
 
 
 def __getattr__(name):

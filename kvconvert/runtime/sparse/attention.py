@@ -16,7 +16,7 @@ import torch
 
 from ...errors import UserError
 from .execute import decode_step, prefill_step
-from .policies import PageTopKPolicy, SparsePolicy, parse_policy_spec
+from .policies import SparsePolicy, parse_policy_spec
 from .state import PageSummaryCache, ReadStats
 
 NAME = "kvconvert_sparse"
@@ -127,7 +127,7 @@ def _attention_modules(model) -> list:
 
 def _check_layers(policy: SparsePolicy, num_layers: int) -> None:
     bad = [i for i in policy.layers if not 0 <= i < num_layers]
-    for phase in (policy.decode, policy.prefill):
+    for phase in policy.phase_policies():
         bad += [i for i in getattr(phase, "dense_layers", []) if not 0 <= i < num_layers]
     if bad:
         raise UserError(f"policy layers/dense_layers {sorted(set(bad))} out of range: the model has {num_layers} layers")
@@ -152,7 +152,8 @@ def sparse(model, policy="dense", *, use_kernels: bool | None = None):
     previous = model.config._attn_implementation
     for m in mods:
         lp = policy.for_layer(m.layer_idx)
-        summaries = PageSummaryCache(lp.decode.page) if isinstance(lp.decode, PageTopKPolicy) else None
+        page = lp.decode.key_summary_page()
+        summaries = PageSummaryCache(page) if page else None
         m._kvconvert_sparse = LayerRuntime(m.layer_idx, lp, use_kernels, session.read, summaries,
                                            _dense_function(m, previous))
     try:
