@@ -171,13 +171,17 @@ def main() -> None:
         "onnx": ("export onnx --dtype fp16", [*py, "export", "onnx", str(g8), "--dtype", "fp16", "--out", str(onnx),
                                                "--overwrite"]),
     }
-    results: dict[str, dict] = {}
+    order = ["gqa-mean", "onnx", "eval", "gqa-calibrated", "fit-latent"]
+    runs = {k: runs[k] for k in order}
+    partial = args.json or (work / "results.json")
+    results: dict[str, dict] = json.loads(partial.read_text()).get("results", {}) if partial.is_file() else {}
     if "copy" in steps:
         results["copy"] = {"label": "plain copy of the weight files", **plain_copy(src, work / "copy"), "rc": 0}
     for key, (label, cmd) in runs.items():
         if key in steps:
             print(f"running {label} ...", flush=True)
             results[key] = {"label": label, **_timed(cmd, work / f"{key}.log")}
+            partial.write_text(json.dumps({"results": results}, indent=2))
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"\nmachine: {os.cpu_count()} cores; {load}")
     print(f"checkpoint: {src} ({sum(f.stat().st_size for f in src.glob('*.safetensors')) / 1e9:.1f} GB bf16)")
@@ -187,8 +191,7 @@ def main() -> None:
     for key, r in results.items():
         if r.get("last_line") and key != "copy":
             print(f"  {key}: {r['last_line']}")
-    if args.json:
-        args.json.write_text(json.dumps({"load": load, "results": results}, indent=2))
+    partial.write_text(json.dumps({"load": load, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ class LayerwiseModel:
             for mod, pname, _ in entries:
                 mod._parameters[pname] = empty
 
-    def _outer_slots(self, skip_input_embedding: bool):
+    def _outer_slots(self, skip_input_embedding: bool, skip_output: bool = False):
         """Parameters outside the decoder layers (embeddings, final norm, LM head, ...)."""
         emb = self.model.get_input_embeddings().weight
         out = {}
@@ -176,6 +176,8 @@ class LayerwiseModel:
             if not entries:
                 continue
             if skip_input_embedding and key == id(emb) and not self._tied_to_embedding:
+                continue
+            if skip_output and key == id(self._output_weight()) and not self._tied_to_embedding:
                 continue
             out[key] = entries
         return out
@@ -197,7 +199,7 @@ class LayerwiseModel:
     @torch.no_grad()
     def start(self, batches: Iterable[torch.Tensor]) -> list[BatchState]:
         """Embed every batch (LongTensor[1, S]) and record each layer's call arguments."""
-        slots = self._outer_slots(skip_input_embedding=False)
+        slots = self._outer_slots(skip_input_embedding=False, skip_output=True)
         self._load(slots)
         states = []
         try:
