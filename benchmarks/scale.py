@@ -175,8 +175,10 @@ def main() -> None:
     runs = {k: runs[k] for k in order}
     partial = args.json or (work / "results.json")
     results: dict[str, dict] = json.loads(partial.read_text()).get("results", {}) if partial.is_file() else {}
+    results = {k: v for k, v in results.items() if k not in steps}
     if "copy" in steps:
         results["copy"] = {"label": "plain copy of the weight files", **plain_copy(src, work / "copy"), "rc": 0}
+        partial.write_text(json.dumps({"results": results}, indent=2))
     for key, (label, cmd) in runs.items():
         if key in steps:
             print(f"running {label} ...", flush=True)

@@ -63,3 +63,12 @@ def test_library_evaluate_is_pass_shaped(tiny_folder, tmp_path):
                    progress=False)
     assert res.out == (tmp_path / "e").resolve() and res.metrics["eval"]["perplexity"] > 1
     assert res.record["passes"][-1]["pass"] == "eval"
+
+
+def test_needle_states_its_ram_and_refuses_up_front(tiny_folder, tmp_path, cli, monkeypatch):
+    import kvconvert.convert.placement as placement
+
+    monkeypatch.setattr(placement, "available_ram", lambda: 1000)
+    code, _, err = cli("eval", tiny_folder("llama"), "--needle", "--lengths", "64", "--plot", tmp_path / "n.png")
+    assert code == 2 and "GiB of RAM" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "n.png").exists()

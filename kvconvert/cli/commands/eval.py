@@ -46,12 +46,13 @@ def _numbers(text, cast, flag):
 
 
 def run_needle_command(args) -> int:
-    from ...eval.needle import NeedleConfig, format_needle, plot_needle, run_needle
+    from ...eval.needle import NeedleConfig, check_needle_fits, format_needle, plot_needle, run_needle
     from ...io import provenance
 
     cfg = NeedleConfig().merged({"lengths": _numbers(args.lengths, int, "--lengths"),
                                  "depths": _numbers(args.depths, float, "--depths"), "trials": args.trials})
     source = open_source(args)
+    check_needle_fits(source, cfg)
     progress = not getattr(args, "quiet", False)
     model = source.load_model()
     result = run_needle(model, source.load_tokenizer(), cfg, args.policy, progress)
