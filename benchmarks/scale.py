@@ -123,7 +123,8 @@ def _timed(cmd: list[str], log: Path) -> dict:
     wall = time.perf_counter() - t0
     text = log.read_text(errors="replace")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("\t") and "\r" not in ln]
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("\t", "Command exited"))
+             and "\r" not in ln]
     return {"rc": proc.returncode, "seconds": round(wall, 1),
             "peak_rss_gb": round(int(rss.group(1)) / 2**20, 2) if rss else None,
             "last_line": (lines[-1] if lines else "")[:200]}

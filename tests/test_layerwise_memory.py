@@ -12,16 +12,16 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS, HIDDEN, INTER, VOCAB = 12, 1024, 2816, 1000
+LAYERS, HIDDEN, INTER, VOCAB = 16, 384, 1152, 1000
 
 
 @pytest.fixture(scope="module")
 def big_folder(tmp_path_factory):
-    """A random llama of ~150M parameters (~600 MB fp32), saved in bf16."""
+    """A random llama of ~31M parameters (~125 MB fp32), saved in bf16."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model("llama", hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
-                               num_attention_heads=16, num_key_value_heads=16, head_dim=64, vocab_size=VOCAB,
+                               num_attention_heads=8, num_key_value_heads=8, head_dim=48, vocab_size=VOCAB,
                                max_position_embeddings=1024, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -29,7 +29,7 @@ def big_folder(tmp_path_factory):
         for name, p in model.named_parameters():
             p.copy_(torch.ones_like(p) if "norm" in name else 0.03 * torch.randn_like(p))
     folder = tmp_path_factory.mktemp("big")
-    model.save_pretrained(folder, max_shard_size="200MB")
+    model.save_pretrained(folder, max_shard_size="20MB")
     return folder, sum(p.numel() for p in model.parameters()) * 4
 
 
