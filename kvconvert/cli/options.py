@@ -90,6 +90,13 @@ def placement_fields(args: argparse.Namespace) -> dict:
     return {k: v for k, v in fields.items() if v is not None}
 
 
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None,
+                   help="where the layer-by-layer passes run (auto: cuda when present)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer folder for a checkpoint that has none (evaluation and calibration)")
+
+
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity measurement")
     p.add_argument("--eval-text", default=None, help="held-out evaluation text (builtin:gpl3)")
@@ -110,5 +117,6 @@ def pass_fields(args: argparse.Namespace) -> dict:
         heal["calib"] = {"source": args.calib}
     fields = {"calib": calib, "heal": heal, "max_shard_size": args.max_shard_size,
               "evaluate": False if args.no_eval else None,
-              "eval": {"text": args.eval_text} if args.eval_text else None}
+              "eval": {k: v for k, v in {"text": args.eval_text, "device": getattr(args, "device", None),
+                                         "tokenizer": getattr(args, "tokenizer", None)}.items() if v} or None}
     return {k: v for k, v in fields.items() if v is not None}

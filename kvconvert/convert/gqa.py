@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ class GQAConfig(StrictConfig):
     eval: EvalConfig = EvalConfig()
     damping: float = Field(1e-3, ge=0)
     placement: PlacementConfig = PlacementConfig()
+    device: str = "auto"
 
     @property
     def needs_calibration(self) -> bool:
@@ -117,8 +119,8 @@ def mha_to_gqa(model, cfg: GQAConfig, out, *, overwrite: bool = False, calib: Ca
     check_groups(view, cfg.groups)
     check_target(out, overwrite, (source.path,), kind="checkpoint")
     check_source_weights(source)
-    if cfg.method == "calibrated" or cfg.heal.steps:
-        check_fits_in_ram(source.reader().num_parameters(), cfg.placement, student=cfg.heal.steps > 0)
+    if cfg.heal.steps:  # healing holds the reference and the student; the calibrated fit runs layer by layer
+        check_fits_in_ram(source.reader().num_parameters(), cfg.placement, student=True)
     fit_data, heal_data = _calibration(source, cfg, calib)
     hashing = threading.Thread(target=source.content_hash, daemon=True)  # overlaps the conversion's I/O
     hashing.start()
@@ -136,12 +138,20 @@ def mha_to_gqa(model, cfg: GQAConfig, out, *, overwrite: bool = False, calib: Ca
 
             changed = roles.__contains__
         else:
-            teacher = stack.enter_context(load_reference(source, cfg.placement))
+            if cfg.heal.steps:
+                teacher = stack.enter_context(load_reference(source, cfg.placement))
             if cfg.method == "calibrated":
-                from .gqa_calibrated import fit_calibrated
+                from .gqa_calibrated import TensorSpill, fit_calibrated
 
-                replacements, fit_metrics = fit_calibrated(teacher, view, cfg, fit_data, progress,
-                                                           weights=source.reader().get)
+                if teacher is None:  # one decoder layer at a time; fitted tensors spill to the output's temp folder
+                    from ..runtime.layerwise import LayerwiseModel
+
+                    runner = LayerwiseModel(source, device=cfg.device, progress=progress)
+                    replacements, fit_metrics = fit_calibrated(runner, view, cfg, fit_data, progress,
+                                                               store=TensorSpill(tmp / ".fit-spill"))
+                else:
+                    replacements, fit_metrics = fit_calibrated(teacher, view, cfg, fit_data, progress,
+                                                               weights=source.reader().get)
                 metrics["fit"] = fit_metrics
             else:
                 replacements = _mean_replacements(source, view, cfg.groups)
@@ -164,13 +174,18 @@ def mha_to_gqa(model, cfg: GQAConfig, out, *, overwrite: bool = False, calib: Ca
         metrics["bytes_written"] = written["bytes_written"]
         metrics["kv_bytes_per_token"] = [view.kv_bytes_per_token(cfg.eval.kv_dtype),
                                          describe(new_config).kv_bytes_per_token(cfg.eval.kv_dtype)]
-        if cfg.evaluate:
-            metrics.update(_evaluate(source, tmp, teacher, cfg.eval, progress))
+        shutil.rmtree(tmp / ".fit-spill", ignore_errors=True)
         hashing.join()
-        seconds = time.perf_counter() - t0
         record = provenance.new_record(source.provenance(), parent=provenance.read(source.path))
-        provenance.add_pass(record, "mha_to_gqa", cfg.model_dump(), seconds, metrics)
+        provenance.add_pass(record, "mha_to_gqa", cfg.model_dump(), time.perf_counter() - t0, metrics)
         provenance.write(tmp, record)
+    if cfg.evaluate:  # after the output is in place: an evaluation that cannot run never costs the conversion
+        figures = evaluate_pass_output(source, Path(out), cfg.eval, progress)
+        metrics.update(figures)
+        record["passes"][-1]["metrics"] = metrics
+        record["metrics"].update(figures)
+        record["passes"][-1]["seconds"] = round(time.perf_counter() - t0, 3)
+        provenance.write(Path(out), record)
     return PassResult(Path(out).resolve(), metrics, record)
 
 
@@ -183,22 +198,31 @@ def _calibration(source: ModelSource, cfg: GQAConfig, calib: CalibrationData | N
         if not data:
             raise UserError("no calibration sequences were given")
         return data, data
-    tokenizer = source.load_tokenizer()
+    from ..eval.evaluate import load_eval_tokenizer
+
+    tokenizer = load_eval_tokenizer(source, cfg.eval)
     fit = calibration_batches(tokenizer, cfg.calib) if cfg.method == "calibrated" else None
     healing = heal_batches(tokenizer, cfg.heal) if cfg.heal.steps else None
     return fit, healing
 
 
-def _evaluate(source: ModelSource, folder: Path, teacher, cfg: EvalConfig, progress: bool) -> dict[str, Any]:
-    """Held-out figures of the converted model and of its input, for kvconvert.json `metrics`."""
-    from transformers import AutoModelForCausalLM
+def evaluate_pass_output(source: ModelSource, out: Path, cfg: EvalConfig, progress: bool) -> dict[str, Any]:
+    """Held-out figures of a pass's output and of its input (each run layer by layer from its checkpoint), for
+    kvconvert.json `metrics`; where they cannot run (no tokenizer, no room) one line says so and how to run them."""
+    import sys
 
-    from ..eval.evaluate import evaluate_model
+    from ..eval.evaluate import eval_room, evaluate_source, load_eval_tokenizer
 
-    tokenizer = source.load_tokenizer()
-    converted = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    out = evaluate_model(converted, tokenizer, cfg, progress)
-    del converted
-    base = evaluate_model(teacher if teacher is not None else source.load_model(), tokenizer, cfg, progress)
-    return {"eval": out, "baseline_eval": {"model": source.spec, **base},
-            "perplexity_ratio": out["perplexity"] / base["perplexity"]}
+    try:
+        tokenizer = load_eval_tokenizer(source, cfg)
+        why = eval_room(source, cfg)
+        if why:
+            raise UserError(why)
+        converted = evaluate_source(resolve_source(out), cfg, progress, tokenizer)
+        base = evaluate_source(source, cfg, progress, tokenizer)
+    except (UserError, MemoryError) as exc:
+        reason = str(exc) or type(exc).__name__
+        print(f"kvconvert: evaluation skipped ({reason}); run it with: kvconvert eval {out} --baseline "
+              f"{source.spec}", file=sys.stderr)
+        return {"eval_skipped": reason}
+    return {"eval": converted, "baseline_eval": base, "perplexity_ratio": converted["perplexity"] / base["perplexity"]}

@@ -12,6 +12,7 @@ With groups == KV heads (or heads that are exact copies) the fit reproduces the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,22 +76,64 @@ def fit_layer(w: LayerAttention, gram: torch.Tensor, view: AttentionView, groups
     return out, {"key_error": sum(kerr) / groups, "value_error": sum(verr) / groups, "kv_order": order}
 
 
+class TensorSpill:
+    """A name -> tensor mapping kept on disk (one safetensors file per `update`) so fitted layers do not pile
+    up in memory; read back one tensor at a time."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._where: dict[str, Path] = {}
+
+    def update(self, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        f = self.folder / f"part-{len(self._where):06d}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(f))
+        self._where.update({k: f for k in tensors})
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[name]), framework="pt") as sf:
+            return sf.get_tensor(name)
+
+    def keys(self):
+        return self._where.keys()
+
+
 def fit_calibrated(model, view: AttentionView, cfg, batches, progress: bool = True,
-                   weights: Callable[[str], torch.Tensor] | None = None
+                   weights: Callable[[str], torch.Tensor] | None = None, store=None
                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Fit every layer of `model` (the original) to `cfg.groups` KV heads on `batches`
     (LongTensor[1, S] token ids). `weights(name)` gives a checkpoint tensor (default: the model's state dict;
     pass the checkpoint reader's `get` when the model is offloaded or held at low precision).
+    `model` may be a `runtime.layerwise.LayerwiseModel`: each layer is then fitted as soon as its Gram matrix
+    is complete and the Gram freed, so memory holds one layer's statistics.
     Returns (checkpoint name -> new tensor, fit metrics)."""
-    grams, tokens = attention_input_grams(model, view, batches, progress=progress, augment=True)
-    get = weights or model.state_dict().__getitem__
-    replacements: dict[str, torch.Tensor] = {}
-    layers = []
-    for layer in tqdm(range(view.num_layers), desc="fit", disable=not progress, leave=False):
-        w = read_layer(get, view, layer)
-        new, figures = fit_layer(w, grams[layer], view, cfg.groups, cfg.grouping, cfg.damping)
+    from .activations import is_layerwise
+
+    if weights is None:
+        weights = model.reader.get if is_layerwise(model) else model.state_dict().__getitem__
+    replacements = {} if store is None else store  # e.g. a TensorSpill
+    layers: list[dict[str, Any]] = []
+
+    def fit(layer: int, grams: list) -> None:
+        new, figures = fit_layer(read_layer(weights, view, layer), grams[layer], view, cfg.groups, cfg.grouping,
+                                 cfg.damping)
+        grams[layer] = None
         replacements.update(layer_tensors(view, layer, new))
         layers.append(figures)
+
+    if is_layerwise(model):
+        _, tokens = attention_input_grams(model, view, batches, progress=progress, augment=True, after_layer=fit)
+    else:
+        grams, tokens = attention_input_grams(model, view, batches, progress=progress, augment=True)
+        for layer in tqdm(range(view.num_layers), desc="fit", disable=not progress, leave=False):
+            fit(layer, grams)
     metrics = {
         "calibration_tokens": tokens,
         "key_error": sum(f["key_error"] for f in layers) / len(layers),

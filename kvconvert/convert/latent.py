@@ -43,6 +43,7 @@ class LatentConfig(StrictConfig):
     max_shard_size: str = "5GB"
     evaluate: bool = True
     eval: EvalConfig = EvalConfig()
+    device: str = "auto"
 
     @model_validator(mode="after")
     def _one_size(self):
@@ -64,6 +65,7 @@ def fit_latent(model, cfg: LatentConfig, out, *, overwrite: bool = False, calib=
     from ..io import ModelSource, atomic_output_dir, provenance, resolve_source
     from ..io.output_dir import check_target
     from ..models import describe
+    from .latent_build import latent_config_dict
 
     t0 = time.perf_counter()
     source = model if isinstance(model, ModelSource) else resolve_source(model)
@@ -71,42 +73,66 @@ def fit_latent(model, cfg: LatentConfig, out, *, overwrite: bool = False, calib=
     view = describe(config)
     _check_input(view, cfg)
     check_target(Path(out), overwrite, (source.path,))
-    from .placement import PlacementConfig, check_fits_in_ram
+    from .latent_build import needs_probe
 
-    check_fits_in_ram(source.reader().num_parameters(), PlacementConfig(), student=True,
-                      hint="fit-latent holds both in RAM on the CPU: use a machine with more memory")
-    tokenizer = source.load_tokenizer()
+    in_ram = cfg.heal.steps > 0 or needs_probe(cfg, view)
+    if in_ram:  # healing trains the whole student; KL probes edit a whole model: both hold it in RAM
+        from .placement import PlacementConfig, check_fits_in_ram
+
+        check_fits_in_ram(source.reader().num_parameters(), PlacementConfig(), student=True,
+                          hint="healing and KL-probe sensitivity hold both in RAM on the CPU: use --heal-steps 0 "
+                               "and --metric fisher (run layer by layer), or a machine with more memory")
+    tokenizer = None
+    if calib is None or cfg.heal.steps:
+        from ..eval.evaluate import load_eval_tokenizer
+
+        tokenizer = load_eval_tokenizer(source, cfg.eval)
     batches = [b for b in iterate(calib)] if calib is not None else calibration_batches(tokenizer, cfg.calib)
     if not batches:
         raise UserError("no calibration sequences given; pass --calib with some text")
 
-    from .latent_build import build_latent_model, fit_factors, save_latent
+    from .latent_build import build_latent_model, fit_factors, save_latent, save_latent_streaming
 
-    base = source.load_model()
     t_fit = time.perf_counter()
-    fit = fit_factors(base, view, cfg, batches, progress=progress)
+    if in_ram:
+        base = source.load_model()
+        fit = fit_factors(base, view, cfg, batches, progress=progress)
+    else:
+        from ..runtime.layerwise import LayerwiseModel
+
+        fit = fit_factors(LayerwiseModel(source, device=cfg.device, progress=progress), view, cfg, batches,
+                          progress=progress)
     calib_seconds = time.perf_counter() - t_fit
-    student = build_latent_model(base, view, config, fit)
-    latent_view = describe(student.config)
+    latent_view = describe(latent_config_dict(config, fit))
     metrics: dict[str, Any] = {
         "kv_bytes_per_token": [view.kv_bytes_per_token("bf16"), latent_view.kv_bytes_per_token("bf16")],
         "ranks": fit.widths, "kv_fraction": fit.kv_fraction, "calibration_seconds": round(calib_seconds, 2),
         "calibration_tokens": fit.tokens, "sensitivity": fit.sensitivity,
     }
-    if cfg.heal.steps:
-        from .heal import heal, heal_batches
-
-        metrics["heal"] = heal(student, base, cfg.heal, heal_batches(tokenizer, cfg.heal), progress=progress)
-    if cfg.evaluate:
-        from ..eval.evaluate import evaluate_model
-
-        metrics["eval"] = evaluate_model(student, tokenizer, cfg.eval, progress=progress)
-        metrics["eval_base"] = evaluate_model(base, tokenizer, cfg.eval, progress=progress)
     record = provenance.new_record(source.provenance(), provenance.read(source.path))
-    provenance.add_pass(record, "fit_latent", cfg.model_dump(), time.perf_counter() - t0, metrics)
     with atomic_output_dir(out, overwrite, (source.path,)) as tmp:
-        save_latent(student, source, tmp, cfg, fit)
+        if in_ram:
+            student = build_latent_model(base, view, config, fit)
+            if cfg.heal.steps:
+                from .heal import heal, heal_batches
+
+                metrics["heal"] = heal(student, base, cfg.heal, heal_batches(tokenizer, cfg.heal), progress=progress)
+            save_latent(student, source, tmp, cfg, fit)
+            del student, base
+        else:
+            save_latent_streaming(source, tmp, cfg, fit, view, progress)
+        provenance.add_pass(record, "fit_latent", cfg.model_dump(), time.perf_counter() - t0, metrics)
         provenance.write(tmp, record)
+    if cfg.evaluate:  # from the written checkpoints, layer by layer; skipped with one line when it cannot run
+        from .gqa import evaluate_pass_output
+
+        figures = evaluate_pass_output(source, Path(out), cfg.eval, progress)
+        if "baseline_eval" in figures:
+            figures["eval_base"] = figures["baseline_eval"]
+        metrics.update(figures)
+        record["metrics"].update(figures)
+        record["passes"][-1]["seconds"] = round(time.perf_counter() - t0, 3)
+        provenance.write(Path(out), record)
     from ..io import PassResult
 
     return PassResult(Path(out).resolve(), metrics, record)

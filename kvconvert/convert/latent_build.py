@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..models import AttentionView
 from .activations import attention_input_grams
-from .latent_fit import Spectrum, allocate, attention_weights, layer_spectra, set_dense_kv
+from .latent_fit import Spectrum, allocate, attention_weights, attention_weights_from, layer_spectra, set_dense_kv
 
 
 @dataclass
@@ -86,10 +86,14 @@ def fit_factors(model, view: AttentionView, cfg, batches: list[torch.Tensor], pr
                 stats: tuple[list[torch.Tensor], int] | None = None,
                 fishers: list[torch.Tensor] | None = None) -> LatentFit:
     """Ranks and factors for every layer. `stats`: precomputed `attention_input_grams` of `batches`;
-    `fishers`: precomputed `kv_output_fishers` (metric="fisher")."""
+    `fishers`: precomputed `kv_output_fishers` (metric="fisher"). `model` may be a
+    `runtime.layerwise.LayerwiseModel` (see `fit_factors_layerwise`)."""
+    from .activations import is_layerwise
+
+    if is_layerwise(model):
+        return fit_factors_layerwise(model, view, cfg, batches, progress)
     grams, tokens = stats or attention_input_grams(model, view, batches, progress=progress)
     width = view.kv_width
-    joint_cap = min(2 * width, view.hidden_size)
     weights = [attention_weights(model, view, i) for i in range(view.num_layers)]
     rope = {"inv_freq": _inv_freq(model, view), "context": cfg.calib.seqlen}
     damping = cfg.damping
@@ -103,8 +107,7 @@ def fit_factors(model, view: AttentionView, cfg, batches: list[torch.Tensor], pr
         fishers = [None] * view.num_layers
     spectra = [layer_spectra(weights[i], view, grams[i], tokens, cfg.metric, _scaling(model, view, i), damping,
                              fisher=fishers[i], **rope) for i in range(view.num_layers)]
-    uniform, total = _budget(cfg, view)
-    full = {i % view.num_layers for i in cfg.keep_full_layers}
+    uniform, _ = _budget(cfg, view)
     measured: list[list[float]] = []
     sensitivity: list[list[float]] = []  # per layer [K, V] exchange rate: loss per unit of weighted error
     if cfg.metric == "fisher" and cfg.allocation == "sensitivity":
@@ -119,7 +122,87 @@ def fit_factors(model, view: AttentionView, cfg, batches: list[torch.Tensor], pr
                                                         1 / max(spectra[i]["v"].eigvals.sum().item(), 1e-30))
             spectra[i] = layer_spectra(weights[i], view, grams[i], tokens, cfg.metric, _scaling(model, view, i),
                                        damping, joint_weights=(wk, wv), fisher=fishers[i], **rope)
+    extras = [_layer_extras(w, keep_q=True) for w in weights]
+    return _allocate_and_factor(view, cfg, spectra, extras, sensitivity, measured, tokens)
 
+
+def needs_probe(cfg, view: AttentionView) -> bool:
+    """Whether rank allocation measures KL probes (metric != fisher with sensitivity allocation): those edit a
+    whole in-memory model."""
+    uniform, _ = _budget(cfg, view)
+    width = view.kv_width
+    return cfg.metric != "fisher" and cfg.allocation == "sensitivity" and \
+        uniform < (2 * width if cfg.joint_kv else width)
+
+
+def _layer_extras(w, keep_q: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    if w.k_bias is not None:
+        out["k_proj.bias"] = w.k_bias
+    if w.v_bias is not None:
+        out["v_proj.bias"] = w.v_bias
+    if keep_q:
+        out["q_proj"] = w.q
+        if w.q_bias is not None:
+            out["q_proj.bias"] = w.q_bias
+    return out
+
+
+def _compact(spec: dict[str, Spectrum]) -> dict[str, Spectrum]:
+    """fp32 factors material (eigenvalues stay fp64): half the memory for all layers' spectra."""
+    return {k: Spectrum(v.eigvals, v.eigvecs.float(), v.lift.float(), v.unlift.float()) for k, v in spec.items()}
+
+
+def fit_factors_layerwise(runner, view: AttentionView, cfg, batches: list[torch.Tensor],
+                          progress: bool = True) -> LatentFit:
+    """`fit_factors` one decoder layer at a time: Fishers by a layer-by-layer backward, then one forward pass
+    in which each layer's spectra are computed as soon as its Gram matrix is complete (the Gram and the
+    layer's weights freed at once). q projections are not kept (`save_latent_streaming` copies them)."""
+    if needs_probe(cfg, view):
+        raise ValueError("KL-probe sensitivity needs the whole model in memory (use fit_factors on a model)")
+    tree = runner.model
+    get = runner.reader.get
+    names = runner.reader.shapes()
+    rope = {"inv_freq": _inv_freq(tree, view), "context": cfg.calib.seqlen}
+    damping = cfg.damping
+    fishers: list = [None] * view.num_layers
+    if cfg.metric == "fisher":
+        from .latent_fisher import kv_output_fishers_layerwise
+
+        fishers, _ = kv_output_fishers_layerwise(runner, view, batches[:cfg.sensitivity_samples], progress)
+        damping = max(damping, 1e-2)
+    tokens = sum(int(b.numel()) for b in batches)
+    spectra: list = [None] * view.num_layers
+    extras: list = [None] * view.num_layers
+
+    def on_layer(i: int, grams: list) -> None:
+        w = attention_weights_from(lambda n: get(n) if n in names else None, view, i)
+        scaling = _scaling(tree, view, i)
+        spec = layer_spectra(w, view, grams[i], tokens, cfg.metric, scaling, damping, fisher=fishers[i], **rope)
+        if cfg.joint_kv:
+            jw = (1.0, 1.0) if cfg.metric == "fisher" and cfg.allocation == "sensitivity" else \
+                (1 / max(spec["k"].eigvals.sum().item(), 1e-30), 1 / max(spec["v"].eigvals.sum().item(), 1e-30))
+            spec = layer_spectra(w, view, grams[i], tokens, cfg.metric, scaling, damping, joint_weights=jw,
+                                 fisher=fishers[i], **rope)
+        spectra[i] = _compact(spec)
+        extras[i] = _layer_extras(w, keep_q=False)
+        grams[i] = None
+        fishers[i] = None
+
+    attention_input_grams(runner, view, batches, progress=progress, after_layer=on_layer)
+    sensitivity = [[1.0, 1.0] for _ in range(view.num_layers)] \
+        if cfg.metric == "fisher" and cfg.allocation == "sensitivity" else []
+    return _allocate_and_factor(view, cfg, spectra, extras, sensitivity, [], tokens)
+
+
+def _allocate_and_factor(view: AttentionView, cfg, spectra: list[dict[str, Spectrum]],
+                         extras: list[dict[str, torch.Tensor]], sensitivity: list[list[float]],
+                         measured: list[list[float]], tokens: int) -> LatentFit:
+    """Widths from the global budget (uniform or by sensitivity-scaled eigenvalues), then each layer's factors."""
+    width = view.kv_width
+    joint_cap = min(2 * width, view.hidden_size)
+    uniform, total = _budget(cfg, view)
+    full = {i % view.num_layers for i in cfg.keep_full_layers}
     widths: list[tuple[int, int]] = [(0, 0)] * view.num_layers
     for i in full:
         widths[i] = (joint_cap, 0) if cfg.joint_kv else (width, width)
@@ -159,14 +242,7 @@ def fit_factors(model, view: AttentionView, cfg, batches: list[torch.Tensor], pr
             dk, uk = spectra[i]["k"].factors(rk)
             dv, uv = spectra[i]["v"].factors(rv)
             factors.append({"k_latent": dk, "k_proj": uk, "v_latent": dv, "v_proj": uv})
-        w = weights[i]
-        if w.k_bias is not None:
-            factors[-1]["k_proj.bias"] = w.k_bias
-        if w.v_bias is not None:
-            factors[-1]["v_proj.bias"] = w.v_bias
-        factors[-1]["q_proj"] = w.q
-        if w.q_bias is not None:
-            factors[-1]["q_proj.bias"] = w.q_bias
+        factors[-1].update(extras[i])
     frac = sum(k + v for k, v in widths) / (2 * width * view.num_layers)
     return LatentFit([tuple(map(int, w)) for w in widths], cfg.joint_kv, factors, frac, tokens, measured)
 
@@ -244,3 +320,60 @@ def save_latent(model, source, folder: Path, cfg, fit: LatentFit) -> None:
     writer.finish()
     copy_side_files(source.path, folder, skip=("config.json",))
     write_json(folder / "config.json", latent_config_dict(config, fit))
+
+
+def save_latent_streaming(source, folder: Path, cfg, fit: LatentFit, view: AttentionView,
+                          progress: bool = False) -> int:
+    """The latent folder written from the checkpoint reader, never from an in-memory model: every base tensor
+    the latent model keeps is copied as bytes (`ShardedWriter.add_slice`), each layer's K/V projections (and a
+    fused qkv) are dropped, the factors are added in the source's dtype. Returns the bytes written."""
+    from ..io import ShardedWriter, copy_side_files, parse_size
+    from ..io.safetensors_check import read_header
+    from ..io.writer import FileSlice, write_json
+
+    config = source.config_dict()
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        str(config.get("dtype") or config.get("torch_dtype")), torch.float32)
+    reader = source.reader()
+    names = reader.shapes()
+    lookup = lambda n: reader.get(n) if n in names else None  # noqa: E731
+    drop: set[str] = set()
+    new: dict[str, torch.Tensor] = {}
+    for i, tensors in enumerate(fit.factors):
+        pre = view.layer_prefix(i)
+        if view.fused_qkv:
+            drop |= {f"{pre}.{view.names.qkv}.weight", f"{pre}.{view.names.qkv}.bias"}
+            w = attention_weights_from(lookup, view, i)
+            new[f"{pre}.q_proj.weight"] = w.q
+            if w.q_bias is not None:
+                new[f"{pre}.q_proj.bias"] = w.q_bias
+        else:
+            drop |= {f"{pre}.{view.names.k}.weight", f"{pre}.{view.names.v}.weight"}
+        for name, t in tensors.items():
+            full = _state_name(pre, name)
+            if full not in names or full in drop:  # unchanged base tensors (q, biases) are copied below
+                new[full] = t
+    writer = ShardedWriter(folder, parse_size(cfg.max_shard_size), metadata={"kvconvert": "fit_latent"})
+    if reader.format == "safetensors":
+        for f in reader.files:
+            writer.flush()
+            header = read_header(f)
+            with open(f, "rb") as fh:
+                data_start = 8 + int.from_bytes(fh.read(8), "little")
+            for name in sorted((n for n in header if n != "__metadata__"), key=lambda n: header[n]["data_offsets"][0]):
+                if name in drop:
+                    continue
+                info = header[name]
+                start, stop = info["data_offsets"]
+                writer.add_slice(name, FileSlice(f, data_start + start, stop - start, info["dtype"], info["shape"]))
+    else:
+        for name, t in reader.iter_tensors():
+            if name not in drop:
+                writer.add(name, t)
+    writer.flush()
+    for name, t in tqdm(new.items(), desc="latent factors", disable=not progress, leave=False):
+        writer.add(name, t.detach().to(dtype).contiguous())
+    writer.finish()
+    copy_side_files(source.path, folder, skip=("config.json",))
+    write_json(folder / "config.json", latent_config_dict(config, fit))
+    return writer.total_bytes

@@ -73,3 +73,56 @@ def kv_output_fishers(model, view: AttentionView, batches: Iterable[torch.Tensor
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
     return [f / max(count, 1) for f in fishers], count
+
+
+def kv_output_fishers_layerwise(runner, view: AttentionView, batches: Iterable[torch.Tensor], progress: bool = True
+                                ) -> tuple[list[torch.Tensor], int]:
+    """`kv_output_fishers` for a `runtime.layerwise.LayerwiseModel`: a forward pass that keeps each layer's input
+    hidden states ([N, S, hidden] per layer), the loss gradient at the final hidden state, then a backward pass
+    one layer at a time in reverse (each layer re-read and re-run on its saved input, its K/V output gradients
+    folded into that layer's Fisher). Same figures as the whole-model backward."""
+    kvw, hq = view.kv_width, view.q_width
+    states = runner.start(list(batches))
+    inputs: list[list[torch.Tensor] | None] = []
+    for layer in tqdm(range(view.num_layers), desc="fisher forward", disable=not progress, leave=False):
+        inputs.append([s.hidden for s in states])
+        runner.run_layer(layer, states)
+    grads_out, count = [], 0
+    with runner.head_context(), torch.enable_grad():
+        for s in states:
+            s.hidden = s.hidden.detach().requires_grad_(True)
+            loss, n = runner.nll(s)
+            grads_out.append(torch.autograd.grad(loss, s.hidden)[0])
+            s.hidden = s.hidden.detach()
+            count += n
+    fishers: list[torch.Tensor | None] = [None] * view.num_layers
+    tree = runner.model
+    for layer in tqdm(reversed(range(view.num_layers)), total=view.num_layers, desc="fisher backward",
+                      disable=not progress, leave=False):
+        grads: dict[str, torch.Tensor] = {}
+
+        def hook(part: str):
+            def fn(module, args, out):
+                out.register_hook(lambda g: grads.__setitem__(part, g.detach()))
+            return fn
+
+        handles = [m.register_forward_hook(hook(part)) for m, part in _kv_modules(tree, view, layer)]
+        slots = runner.load_layer(layer)
+        fisher = torch.zeros(2 * kvw, 2 * kvw, dtype=torch.float64)
+        try:
+            for b, s in enumerate(states):
+                x = inputs[layer][b].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    y = runner.call_layer(layer, s, x)
+                    torch.autograd.backward(y, grads_out[b])
+                g = grads.pop("qkv")[..., hq:] if view.fused_qkv else torch.cat([grads.pop("k"), grads.pop("v")], -1)
+                g = g.reshape(-1, 2 * kvw).double().cpu()
+                fisher.addmm_(g.T, g)
+                grads_out[b] = x.grad.detach()
+        finally:
+            runner._unload(slots)
+            for h in handles:
+                h.remove()
+        inputs[layer] = None
+        fishers[layer] = fisher / max(count, 1)
+    return fishers, count

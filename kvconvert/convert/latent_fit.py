@@ -42,12 +42,17 @@ class AttentionWeights:
 
 
 def attention_weights(model, view: AttentionView, layer: int) -> AttentionWeights:
-    params = dict(model.named_parameters())
+    return attention_weights_from(dict(model.named_parameters()).get, view, layer)
+
+
+def attention_weights_from(lookup, view: AttentionView, layer: int) -> AttentionWeights:
+    """One layer's attention weights from `lookup(checkpoint name) -> Tensor | None` (a state dict's `get`, or a
+    checkpoint reader's)."""
     pre = view.layer_prefix(layer)
     n = view.names
 
     def get(name):
-        t = params.get(f"{pre}.{name}") if name else None
+        t = lookup(f"{pre}.{name}") if name else None
         return None if t is None else t.detach().double()
 
     if view.fused_qkv:

@@ -200,3 +200,26 @@ def plot_needle(result: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def needle_ram_bytes(source, cfg: NeedleConfig) -> int:
+    """RAM the needle test needs: it prefills and then decodes token by token with a KV cache, which a
+    layer-by-layer run cannot do without re-reading every layer per token, so it holds the whole model (fp32)
+    plus two caches (the shared dense prefill and its copy) of the longest prompt."""
+    from ..models import describe
+
+    view = describe(source.config_dict())
+    longest = max(cfg.lengths) + cfg.max_new_tokens + 32
+    cache = view.kv_bytes_per_token("fp32") * longest
+    return source.reader().num_parameters() * 4 + 2 * cache
+
+
+def check_needle_fits(source, cfg: NeedleConfig) -> None:
+    """UserError before loading anything when the needle test cannot fit in this machine's RAM."""
+    from ..convert.placement import available_ram
+
+    need, free = needle_ram_bytes(source, cfg), available_ram()
+    if free is not None and need > free:
+        raise UserError(f"the needle test holds the whole model in fp32 with its KV cache: {need / 2**30:.1f} GiB "
+                        f"of RAM, {free / 2**30:.1f} GiB is available; run it on a machine with more memory "
+                        "(perplexity, `kvconvert eval MODEL`, runs layer by layer here)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..options import add_source_flags, open_source
+from ..options import add_device_flags, add_source_flags, open_source
 
 
 def register(sub, common) -> None:
@@ -18,6 +18,9 @@ def register(sub, common) -> None:
     p.add_argument("--chunk", type=int, default=None, help="tokens per independently scored chunk (512)")
     p.add_argument("--kv-dtype", default=None, choices=["fp32", "fp16", "bf16", "fp8"])
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--out", default=None, metavar="DIR", help="write eval.json (metrics + provenance) here; the "
+                                                               "input folder is never written to")
+    add_device_flags(p)
     g = p.add_argument_group("needle in a haystack (sparse attention)")
     g.add_argument("--needle", action="store_true",
                    help="passkey retrieval at several lengths/depths, dense and each --policy (instead of perplexity)")
@@ -43,12 +46,13 @@ def _numbers(text, cast, flag):
 
 
 def run_needle_command(args) -> int:
-    from ...eval.needle import NeedleConfig, format_needle, plot_needle, run_needle
+    from ...eval.needle import NeedleConfig, check_needle_fits, format_needle, plot_needle, run_needle
     from ...io import provenance
 
     cfg = NeedleConfig().merged({"lengths": _numbers(args.lengths, int, "--lengths"),
                                  "depths": _numbers(args.depths, float, "--depths"), "trials": args.trials})
     source = open_source(args)
+    check_needle_fits(source, cfg)
     progress = not getattr(args, "quiet", False)
     model = source.load_model()
     result = run_needle(model, source.load_tokenizer(), cfg, args.policy, progress)
@@ -75,19 +79,17 @@ def run(args) -> int:
         from ...errors import UserError
 
         raise UserError("--policy applies to --needle; add --needle")
-    from ...eval.evaluate import EvalConfig, evaluate_source, format_eval
-    from ...io import provenance, resolve_source
+    from ...eval.evaluate import EvalConfig, evaluate, evaluate_source, format_eval
+    from ...io import resolve_source
 
     cfg = EvalConfig().merged({"text": args.text, "max_tokens": args.max_tokens, "chunk": args.chunk,
-                               "kv_dtype": args.kv_dtype})
+                               "kv_dtype": args.kv_dtype, "device": args.device, "tokenizer": args.tokenizer})
     source = open_source(args)
     progress = not getattr(args, "quiet", False)
-    rows = [evaluate_source(source, cfg, progress)]
+    rows = [evaluate(source, cfg, args.out, progress=progress).metrics["eval"]]
     if args.baseline:
         base = resolve_source(args.baseline, allow_pickle=args.allow_pickle,
                               trust_remote_code=args.trust_remote_code)
         rows.append(evaluate_source(base, cfg, progress))
-    if source.kind == "folder":
-        provenance.update_metrics(source.path, {"eval": rows[0]})
     print(json.dumps(rows if args.baseline else rows[0], indent=2) if args.json else format_eval(rows))
     return 0

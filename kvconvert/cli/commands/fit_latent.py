@@ -6,6 +6,7 @@ import json
 
 from ..options import (
     add_calib_flags,
+    add_device_flags,
     add_eval_flags,
     add_heal_flags,
     add_output_flags,
@@ -38,6 +39,7 @@ def register(sub, common) -> None:
     add_output_flags(p)
     add_calib_flags(p)
     add_heal_flags(p)
+    add_device_flags(p)
     add_eval_flags(p)
     p.set_defaults(func=run)
 
@@ -46,7 +48,7 @@ def run(args) -> int:
     from ...convert.latent import LatentConfig, fit_latent
 
     flags = {"rank": args.rank, "kv_ratio": args.kv_ratio, "joint_kv": args.joint_kv, "allocation": args.allocation,
-             "metric": args.metric, "keep_full_layers": args.keep_full_layers, **pass_fields(args)}
+             "metric": args.metric, "keep_full_layers": args.keep_full_layers, "device": args.device, **pass_fields(args)}
     cfg = LatentConfig.parse({k: v for k, v in flags.items() if v is not None})
     source = open_source(args)
     result = fit_latent(source, cfg, args.out, overwrite=args.overwrite, progress=not getattr(args, "quiet", False))

@@ -6,6 +6,7 @@ import json
 
 from ..options import (
     add_calib_flags,
+    add_device_flags,
     add_eval_flags,
     add_heal_flags,
     add_output_flags,
@@ -33,6 +34,7 @@ def register(sub, common) -> None:
     add_calib_flags(p)
     add_heal_flags(p)
     add_placement_flags(p)
+    add_device_flags(p)
     add_eval_flags(p)
     p.set_defaults(func=run)
 
@@ -40,7 +42,7 @@ def register(sub, common) -> None:
 def run(args) -> int:
     from ...convert.gqa import GQAConfig, mha_to_gqa
 
-    flags = {"groups": args.groups, "method": args.method, "grouping": args.grouping, **pass_fields(args),
+    flags = {"groups": args.groups, "method": args.method, "grouping": args.grouping, "device": args.device, **pass_fields(args),
              "placement": placement_fields(args) or None}
     cfg = GQAConfig.parse({k: v for k, v in flags.items() if v is not None})
     source = open_source(args)
@@ -52,7 +54,7 @@ def run(args) -> int:
     kv = m["kv_bytes_per_token"]
     print(f"wrote {result.out}: {m['kv_heads'][0]} -> {m['kv_heads'][1]} KV heads ({cfg.method}), "
           f"KV {kv[0]:,} -> {kv[1]:,} bytes/token")
-    if "eval" in m:
+    if "eval" in m and "baseline_eval" in m:
         print(f"perplexity {m['baseline_eval']['perplexity']:.3f} -> {m['eval']['perplexity']:.3f} "
               f"(x{m['perplexity_ratio']:.3f}) on {m['eval']['eval_text']}")
     return 0

@@ -76,6 +76,9 @@ def export_onnx(model: Any, cfg: OnnxExportConfig | None = None, out: str | Path
         check_standard(opset, policy.page_topk, policy.block_sparse, latent=layout.latent)
     dtype = TORCH_DTYPES[cfg.dtype]
     out = Path(out)
+    from .footprint import check_export_fits
+
+    check_export_fits(source, cfg.dtype, out, cfg.validate)
     started = time.perf_counter()
     stages = ["load", "trace", "check"] + (["validate"] if cfg.validate else [])
     bar = _progress(stages, progress)
