@@ -1,0 +1,160 @@
+"""Triton latent-KV decode kernel (keys rebuilt in registers, values accumulated as latents). Imported only when run."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import block, dot_f32, num_warps, tile_update
+from ._triton_decode import _combine_kernel, _default_splits
+
+
+@triton.jit
+def _latent_decode_kernel(
+    Q, CK, CV, SEQ, CNT, IDX, KUP, KUPR, KB, KBR, KW, KWR, COS, SIN, OUT, MASS, MP, LP, AP,
+    sqb, sqh, sckb, sckt, scvb, scvt, scb, sch, sib, sih, sob, soh, skup,
+    HKV, pages_per_split, num_splits, scale, eps, sink, window,
+    G: tl.constexpr, D: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr,
+    SPLIT: tl.constexpr, JOINT: tl.constexpr, NORM: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """Per visited tile of BLOCK_N slots: c [N, Rk] -> x = c @ k_up_g + b, xr = c @ k_up_r_g + b_r (= rotate_half(x)),
+    optional k_norm, k = x * cos + xr * sin; scores for the G query rows; acc += p @ c_v (latent space)."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // HKV
+    g = bh % HKV
+    rows = tl.arange(0, BLOCK_G)
+    dims = tl.arange(0, BLOCK_D)
+    slots = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_RK)
+    rv = tl.arange(0, BLOCK_RV)
+    which = slots // BLOCK_P
+    within = slots % BLOCK_P
+    row_ok = rows < G
+    dim_ok = dims < D
+    rk_ok = rk < RK
+    rv_ok = rv < RV
+    q = tl.load(Q + b * sqb + (g * G + rows[:, None]) * sqh + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    w_mask = rk_ok[:, None] & dim_ok[None, :]
+    up = tl.load(KUP + rk[:, None] * skup + g * D + dims[None, :], mask=w_mask, other=0.0)
+    up_r = tl.load(KUPR + rk[:, None] * skup + g * D + dims[None, :], mask=w_mask, other=0.0)
+    kb = tl.load(KB + g * D + dims, mask=dim_ok, other=0.0)
+    kb_r = tl.load(KBR + g * D + dims, mask=dim_ok, other=0.0)
+    kw = tl.load(KW + dims, mask=dim_ok, other=0.0)
+    kw_r = tl.load(KWR + dims, mask=dim_ok, other=0.0)
+    seq_len = tl.load(SEQ + b)
+    count = tl.load(CNT + b * scb + g * sch)
+    start = split * pages_per_split
+    stop = tl.minimum(start + pages_per_split, count)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_RV], tl.float32)
+    for r in range(start, stop, BLOCK_N // BLOCK_P):
+        rank_ok = r + which < stop
+        page = tl.load(IDX + b * sib + g * sih + r + which, mask=rank_ok, other=0)
+        pos = page * PAGE + within
+        ok = rank_ok & (within < PAGE) & (pos < seq_len)
+        if window > 0:
+            ok = ok & ((pos < sink) | (pos >= seq_len - window))
+        c = tl.load(CK + b * sckb + pos[:, None] * sckt + rk[None, :], mask=ok[:, None] & rk_ok[None, :], other=0.0)
+        if DOT_F32:
+            x = tl.dot(c.to(tl.float32), up, input_precision="ieee")
+            xr = tl.dot(c.to(tl.float32), up_r, input_precision="ieee")
+        else:
+            x = tl.dot(c, up.to(c.dtype))
+            xr = tl.dot(c, up_r.to(c.dtype))
+        x = x + kb[None, :]
+        xr = xr + kb_r[None, :]
+        if NORM:
+            inv = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
+            x = x * inv[:, None] * kw[None, :]
+            xr = xr * inv[:, None] * kw_r[None, :]
+        tab = pos[:, None] * D + dims[None, :]
+        cos = tl.load(COS + tab, mask=ok[:, None] & dim_ok[None, :], other=0.0)
+        sin = tl.load(SIN + tab, mask=ok[:, None] & dim_ok[None, :], other=0.0)
+        k = x * cos + xr * sin
+        if JOINT:
+            v = c
+        else:
+            v = tl.load(CV + b * scvb + pos[:, None] * scvt + rv[None, :], mask=ok[:, None] & rv_ok[None, :],
+                        other=0.0)
+        m_i, l_i, acc = tile_update(q, k.to(q.dtype), v, ok[None, :], m_i, l_i, acc, scale, DOT_F32)
+    if SPLIT:
+        part = bh * num_splits + split
+        tl.store(MP + part * BLOCK_G + rows, m_i)
+        tl.store(LP + part * BLOCK_G + rows, l_i)
+        tl.store(AP + (part * BLOCK_G + rows[:, None]) * BLOCK_RV + rv[None, :], acc)
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(OUT + b * sob + (g * G + rows[:, None]) * soh + rv[None, :], out, mask=row_ok[:, None] & rv_ok[None, :])
+        tl.store(MASS + b * HKV * G + g * G + rows, tl.where(l_i > 0, 1.0, 0.0), mask=row_ok)
+
+
+def _check(q, c_k, c_v, w):
+    b, h, d = q.shape
+    kv = w.num_kv_heads
+    if h % kv or w.head_dim != d:
+        raise ValueError(f"latent_decode: q {tuple(q.shape)} does not fit {kv} KV heads of k_up {tuple(w.k_up.shape)}")
+    if c_k.dim() != 4 or c_k.shape[1] != 1 or c_k.shape[0] != b or c_k.shape[-1] != w.k_up.shape[0]:
+        raise ValueError(f"latent_decode: c_k {tuple(c_k.shape)} should be [B, 1, Lmax, {w.k_up.shape[0]}]")
+    if c_v.shape[:3] != c_k.shape[:3] or c_v.shape[-1] != w.v_up.shape[0]:
+        raise ValueError(f"latent_decode: c_v {tuple(c_v.shape)} does not match v_up {tuple(w.v_up.shape)}")
+    for t in (q, c_k, c_v):
+        if t.stride(-1) != 1:
+            raise ValueError("latent_decode: the last dimension must be contiguous")
+
+
+def latent_decode_triton(q, c_k, c_v, seq_lens, w, counts, indices, page_size: int, sink: int, window: int,
+                         scale: float, num_splits: int | None = None, block_n: int = 64):
+    """-> (fp32 [B, H, Rv] attention output in latent space, fp32 [B, H] softmax mass: 1, or 0 for no slot)."""
+    _check(q, c_k, c_v, w)
+    b, h, d = q.shape
+    hkv = w.num_kv_heads
+    g = h // hkv
+    rk, rv = c_k.shape[-1], c_v.shape[-1]
+    joint = c_v.data_ptr() == c_k.data_ptr() and c_v.shape == c_k.shape
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    counts = counts.to(torch.int32)
+    indices = indices.to(torch.int32)
+    half = w.rotated_half()
+    cos, sin = w.rotation_tables()
+    up = w.k_up.float().contiguous()
+    max_pages = int(counts.max()) if counts.numel() else 0
+    splits = num_splits or _default_splits(b * hkv, max_pages, q.device)
+    splits = max(1, min(splits, max(max_pages, 1)))
+    bp = block(page_size)
+    bn = max(bp, block_n)
+    per_tile = bn // bp
+    pps = per_tile * max(1, math.ceil(max_pages / splits / per_tile))
+    splits = max(1, math.ceil(max_pages / pps)) if max_pages else 1
+    bg, brv = block(g), block(rv)
+    out = torch.zeros(b, h, rv, device=q.device, dtype=torch.float32)
+    mass = torch.zeros(b, h, device=q.device, dtype=torch.float32)
+    if splits > 1:
+        mp = torch.empty(b * hkv * splits * bg, device=q.device, dtype=torch.float32)
+        lp = torch.empty_like(mp)
+        ap = torch.empty(b * hkv * splits * bg * brv, device=q.device, dtype=torch.float32)
+    else:
+        mp = lp = ap = out
+    _latent_decode_kernel[(b * hkv, splits)](
+        q, c_k, c_v, seq_lens, counts, indices, up, half["k_up_r"], half["k_bias"], half["k_bias_r"], half["w"],
+        half["w_r"], cos, sin, out, mass, mp, lp, ap,
+        q.stride(0), q.stride(1), c_k.stride(0), c_k.stride(2), c_v.stride(0), c_v.stride(2),
+        counts.stride(0), counts.stride(1), indices.stride(0), indices.stride(1), out.stride(0), out.stride(1),
+        up.stride(0), hkv, pps, splits, scale, float(w.k_norm_eps), int(sink), int(window),
+        G=g, D=d, RK=rk, RV=rv, PAGE=page_size, BLOCK_G=bg, BLOCK_P=bp, BLOCK_N=bn, BLOCK_D=block(d),
+        BLOCK_RK=block(rk), BLOCK_RV=brv, SPLIT=splits > 1, JOINT=joint, NORM=w.k_norm, DOT_F32=dot_f32(q.dtype),
+        num_warps=num_warps(),
+    )
+    if splits > 1:
+        _combine_kernel[(b * hkv,)](mp, lp, ap, out, out.stride(0), out.stride(1), hkv, splits,
+                                    G=g, D=rv, BLOCK_G=bg, BLOCK_D=brv, num_warps=num_warps())
+        seen = (lp.view(b * hkv, splits, bg) > 0).any(1)[:, :g]
+        mass = seen.reshape(b, h).float()
+    return out, mass
