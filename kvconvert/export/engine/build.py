@@ -53,6 +53,9 @@ def op_type(meta: dict[str, Any]) -> str:
 def _check_config(cfg: EngineConfig, meta: dict[str, Any]) -> None:
     if cfg.plugin == "aot" and cfg.backend != "tensorrt":
         raise UserError("--plugin aot needs --backend tensorrt (TensorRT-RTX has no tensorrt.plugin AOT support)")
+    if cfg.plugin == "aot" and op_type(meta) == "KVLatentAttention" and meta.get("attention", {}).get("mode") != "standard":
+        raise UserError("--plugin aot has no KVLatentAttention kernel yet; build a latent graph with --plugin python, "
+                        "or export it with --attention standard (no plugin)")
     for cc in cfg.compute_capabilities or []:
         if cc not in RTX_TARGETS:
             raise UserError(f"unknown compute capability '{cc}'; TensorRT-RTX targets: {', '.join(RTX_TARGETS)}")
@@ -114,9 +117,6 @@ def _current_gpu() -> list[str]:
 
 
 def _register_plugin(trt, cfg: EngineConfig, meta: dict[str, Any]) -> None:
-    if cfg.plugin == "aot" and op_type(meta) == "KVLatentAttention":
-        raise UserError("--plugin aot has no KVLatentAttention kernel yet; build a latent graph with --plugin python, "
-                        "or export it with --attention standard (no plugin)")
     if cfg.plugin == "aot":
         from .plugin_aot import register_aot
 
