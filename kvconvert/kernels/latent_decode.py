@@ -102,22 +102,26 @@ def rebuild_keys(c_k: torch.Tensor, w: LatentWeights, positions: torch.Tensor, h
     (`head` given: that KV head only, [B, N, D])."""
     b, n, _ = c_k.shape
     d = w.head_dim
-    up, bias = w.k_up.float(), w.k_bias.float() if w.k_bias is not None else None
+    up = w.k_up.float()
+    bias = w.k_bias.float() if w.k_bias is not None else None
     if head is not None:
-        up = up[:, head * d:(head + 1) * d]
-        bias = bias[head * d:(head + 1) * d] if bias is not None else None
-    x = c_k.float() @ up
-    if bias is not None:
-        x = x + bias
-    x = x.view(b, n, -1, d).transpose(1, 2)
+        cols = slice(head * d, (head + 1) * d)
+        up, bias = up[:, cols], (bias[cols] if bias is not None else None)
+    c = c_k.float().reshape(b * n, -1)
+    x = (torch.addmm(bias, c, up) if bias is not None else c @ up).view(b, n, -1, d)
     if w.k_norm:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + w.k_norm_eps) * w.k_norm_weight.float()
     r = w.rope_cos.shape[-1]
-    cos, sin = w.rope_cos.float()[positions][:, None], w.rope_sin.float()[positions][:, None]
-    rot, keep = x[..., :r], x[..., r:]
+    if bool((positions == torch.arange(n, device=positions.device)).all()):
+        cos, sin = w.rope_cos.float()[None, :n, None], w.rope_sin.float()[None, :n, None]
+    else:
+        cos, sin = w.rope_cos.float()[positions][:, :, None], w.rope_sin.float()[positions][:, :, None]
+    rot = x[..., :r]
     half = torch.cat([-rot[..., r // 2:], rot[..., : r // 2]], -1)
-    out = torch.cat([rot * cos + half * sin, keep], -1)
-    return out if head is None else out[:, 0]
+    out = rot * cos + half * sin
+    if r < d:
+        out = torch.cat([out, x[..., r:]], -1)
+    return out.transpose(1, 2) if head is None else out[:, :, 0]
 
 
 def rebuild_values(c_v: torch.Tensor, w: LatentWeights) -> torch.Tensor:
@@ -180,7 +184,7 @@ def latent_decode_reference(q, c_k, c_v, seq_lens, weights: LatentWeights, count
         n = pos.shape[2]
         ck = c_k[:, 0, :n]
         keys = rebuild_keys(ck, weights, pos[:, 0])                                   # [B, KV, N, D]
-        cv = (ck if joint else c_v[:, 0, :n]).float()[:, None].expand(b, kv, n, -1)
+        cv = (ck if joint else c_v[:, 0, :n]).float()                                  # [B, N, Rv]
     else:
         flat = (pos + torch.arange(b, device=q.device)[:, None, None] * lmax).reshape(b, -1)
         ck = c_k.reshape(b * lmax, -1).index_select(0, flat.flatten()).view(b, kv, -1, c_k.shape[-1])
@@ -191,7 +195,10 @@ def latent_decode_reference(q, c_k, c_v, seq_lens, weights: LatentWeights, count
     qg = q.float().view(b, kv, g, d)
     s = torch.einsum("bkgd,bknd->bkgn", qg, keys) * scale
     p = torch.softmax(s.masked_fill(~ok[:, :, None, :], float("-inf")), -1).nan_to_num(0.0)
-    o_lat = torch.einsum("bkgn,bknr->bkgr", p, cv)                                     # [B, KV, G, Rv]
+    if cv.dim() == 3:  # shared rows: one [B, KV*G, N] @ [B, N, Rv] product
+        o_lat = torch.bmm(p.reshape(b, kv * g, -1), cv).view(b, kv, g, -1)
+    else:
+        o_lat = torch.einsum("bkgn,bknr->bkgr", p, cv)                                 # [B, KV, G, Rv]
     return project_values(o_lat, weights, p.sum(-1)).reshape(b, h, -1).to(q.dtype)
 
 
