@@ -19,11 +19,13 @@ def _latent_decode_kernel(
     HKV, pages_per_split, num_splits, scale, eps, sink, window,
     G: tl.constexpr, D: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr,
-    SPLIT: tl.constexpr, JOINT: tl.constexpr, NORM: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_RV: tl.constexpr,
+    SPLIT: tl.constexpr, NORM: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """Per visited tile of BLOCK_N slots: c [N, Rk] -> x = c @ k_up_g + b, xr = c @ k_up_r_g + b_r (= rotate_half(x)),
-    optional k_norm, k = x * cos + xr * sin; scores for the G query rows; acc += p @ c_v (latent space)."""
+    """Per visited tile of BLOCK_N slots: x = c_k @ k_up_g + b and xr = c_k @ k_up_r_g + b_r (= rotate_half(x)),
+    accumulated over chunks of BLOCK_R latent dims; optional k_norm; k = x * cos + xr * sin; scores for the G
+    query rows; acc += p @ c_v in latent space. A joint latent passes the same buffer as CK and CV: the second
+    read of a tile's rows hits the cache (each row leaves HBM once per program)."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // HKV
@@ -31,19 +33,15 @@ def _latent_decode_kernel(
     rows = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)
     slots = tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_RK)
+    rk = tl.arange(0, BLOCK_R)
     rv = tl.arange(0, BLOCK_RV)
     which = slots // BLOCK_P
     within = slots % BLOCK_P
     row_ok = rows < G
     dim_ok = dims < D
-    rk_ok = rk < RK
     rv_ok = rv < RV
     q = tl.load(Q + b * sqb + (g * G + rows[:, None]) * sqh + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    w_mask = rk_ok[:, None] & dim_ok[None, :]
-    up = tl.load(KUP + rk[:, None] * skup + g * D + dims[None, :], mask=w_mask, other=0.0)
-    up_r = tl.load(KUPR + rk[:, None] * skup + g * D + dims[None, :], mask=w_mask, other=0.0)
     kb = tl.load(KB + g * D + dims, mask=dim_ok, other=0.0)
     kb_r = tl.load(KBR + g * D + dims, mask=dim_ok, other=0.0)
     kw = tl.load(KW + dims, mask=dim_ok, other=0.0)
@@ -62,15 +60,22 @@ def _latent_decode_kernel(
         ok = rank_ok & (within < PAGE) & (pos < seq_len)
         if window > 0:
             ok = ok & ((pos < sink) | (pos >= seq_len - window))
-        c = tl.load(CK + b * sckb + pos[:, None] * sckt + rk[None, :], mask=ok[:, None] & rk_ok[None, :], other=0.0)
-        if DOT_F32:
-            x = tl.dot(c.to(tl.float32), up, input_precision="ieee")
-            xr = tl.dot(c.to(tl.float32), up_r, input_precision="ieee")
-        else:
-            x = tl.dot(c, up.to(c.dtype))
-            xr = tl.dot(c, up_r.to(c.dtype))
-        x = x + kb[None, :]
-        xr = xr + kb_r[None, :]
+        x = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + kb[None, :]
+        xr = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + kb_r[None, :]
+        for r0 in tl.static_range(0, RK, BLOCK_R):
+            rr = r0 + rk
+            r_ok = rr < RK
+            c = tl.load(CK + b * sckb + pos[:, None] * sckt + rr[None, :], mask=ok[:, None] & r_ok[None, :], other=0.0)
+            w_off = rr[:, None] * skup + g * D + dims[None, :]
+            w_mask = r_ok[:, None] & dim_ok[None, :]
+            up = tl.load(KUP + w_off, mask=w_mask, other=0.0)
+            up_r = tl.load(KUPR + w_off, mask=w_mask, other=0.0)
+            if DOT_F32:
+                x += tl.dot(c.to(tl.float32), up, input_precision="ieee")
+                xr += tl.dot(c.to(tl.float32), up_r, input_precision="ieee")
+            else:
+                x += tl.dot(c, up.to(c.dtype))
+                xr += tl.dot(c, up_r.to(c.dtype))
         if NORM:
             inv = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
             x = x * inv[:, None] * kw[None, :]
@@ -79,11 +84,7 @@ def _latent_decode_kernel(
         cos = tl.load(COS + tab, mask=ok[:, None] & dim_ok[None, :], other=0.0)
         sin = tl.load(SIN + tab, mask=ok[:, None] & dim_ok[None, :], other=0.0)
         k = x * cos + xr * sin
-        if JOINT:
-            v = c
-        else:
-            v = tl.load(CV + b * scvb + pos[:, None] * scvt + rv[None, :], mask=ok[:, None] & rv_ok[None, :],
-                        other=0.0)
+        v = tl.load(CV + b * scvb + pos[:, None] * scvt + rv[None, :], mask=ok[:, None] & rv_ok[None, :], other=0.0)
         m_i, l_i, acc = tile_update(q, k.to(q.dtype), v, ok[None, :], m_i, l_i, acc, scale, DOT_F32)
     if SPLIT:
         part = bh * num_splits + split
@@ -111,14 +112,13 @@ def _check(q, c_k, c_v, w):
 
 
 def latent_decode_triton(q, c_k, c_v, seq_lens, w, counts, indices, page_size: int, sink: int, window: int,
-                         scale: float, num_splits: int | None = None, block_n: int = 64):
+                         scale: float, num_splits: int | None = None, block_n: int | None = None):
     """-> (fp32 [B, H, Rv] attention output in latent space, fp32 [B, H] softmax mass: 1, or 0 for no slot)."""
     _check(q, c_k, c_v, w)
     b, h, d = q.shape
     hkv = w.num_kv_heads
     g = h // hkv
     rk, rv = c_k.shape[-1], c_v.shape[-1]
-    joint = c_v.data_ptr() == c_k.data_ptr() and c_v.shape == c_k.shape
     seq_lens = seq_lens.to(torch.int32).contiguous()
     counts = counts.to(torch.int32)
     indices = indices.to(torch.int32)
@@ -129,6 +129,7 @@ def latent_decode_triton(q, c_k, c_v, seq_lens, w, counts, indices, page_size: i
     splits = num_splits or _default_splits(b * hkv, max_pages, q.device)
     splits = max(1, min(splits, max(max_pages, 1)))
     bp = block(page_size)
+    block_n = block_n or (64 if rv <= 128 else 32)
     bn = max(bp, block_n)
     per_tile = bn // bp
     pps = per_tile * max(1, math.ceil(max_pages / splits / per_tile))
@@ -149,7 +150,7 @@ def latent_decode_triton(q, c_k, c_v, seq_lens, w, counts, indices, page_size: i
         counts.stride(0), counts.stride(1), indices.stride(0), indices.stride(1), out.stride(0), out.stride(1),
         up.stride(0), hkv, pps, splits, scale, float(w.k_norm_eps), int(sink), int(window),
         G=g, D=d, RK=rk, RV=rv, PAGE=page_size, BLOCK_G=bg, BLOCK_P=bp, BLOCK_N=bn, BLOCK_D=block(d),
-        BLOCK_RK=block(rk), BLOCK_RV=brv, SPLIT=splits > 1, JOINT=joint, NORM=w.k_norm, DOT_F32=dot_f32(q.dtype),
+        BLOCK_R=min(64, block(rk)), BLOCK_RV=brv, SPLIT=splits > 1, NORM=w.k_norm, DOT_F32=dot_f32(q.dtype),
         num_warps=num_warps(),
     )
     if splits > 1:
@@ -158,3 +159,30 @@ def latent_decode_triton(q, c_k, c_v, seq_lens, w, counts, indices, page_size: i
         seen = (lp.view(b * hkv, splits, bg) > 0).any(1)[:, :g]
         mass = seen.reshape(b, h).float()
     return out, mass
+
+
+def compile_latent_decode(dtype: str, group: int, head_dim: int, rank_k: int, rank_v: int, page: int = 64,
+                          cc: int = 80, norm: bool = True, split: bool = True, num_warps: int = 4) -> tuple[str, str, dict]:
+    """(kernel name, PTX, {num_warps, shared}) of `_latent_decode_kernel` for `dtype` ("fp16"/"bf16"/"fp32") cache
+    and query on sm_`cc`, compiled (through ptxas) with no GPU: checks that a shape fits the target."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptr = f"*{dtype}"
+    signature = {n: ptr for n in ("Q", "CK", "CV")} | {n: "*i32" for n in ("SEQ", "CNT", "IDX")}
+    signature |= {n: "*fp32" for n in ("KUP", "KUPR", "KB", "KBR", "KW", "KWR", "COS", "SIN", "OUT", "MASS", "MP", "LP",
+                                        "AP")}
+    signature |= {n: "i32" for n in ("sqb", "sqh", "sckb", "sckt", "scvb", "scvt", "scb", "sch", "sib", "sih", "sob",
+                                     "soh", "skup", "HKV", "pages_per_split", "num_splits")}
+    signature |= {"scale": "fp32", "eps": "fp32", "sink": "i32", "window": "i32"}
+    bp = block(page)
+    constexprs = {"G": group, "D": head_dim, "RK": rank_k, "RV": rank_v, "PAGE": page, "BLOCK_G": block(group),
+                  "BLOCK_P": bp, "BLOCK_N": max(bp, 64 if rank_v <= 128 else 32), "BLOCK_D": block(head_dim),
+                  "BLOCK_R": min(64, block(rank_k)), "BLOCK_RV": block(rank_v), "SPLIT": split, "NORM": norm,
+                  "DOT_F32": dtype == "fp32"}
+    signature |= {n: "constexpr" for n in constexprs}
+    fn = _latent_decode_kernel
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
+    return compiled.metadata.name, compiled.asm["ptx"], {"num_warps": compiled.metadata.num_warps,
+                                                         "shared": compiled.metadata.shared}
