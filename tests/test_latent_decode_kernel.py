@@ -212,3 +212,42 @@ def test_reference_equals_latent_model_attention(latent_model, model_type, joint
         kernel = our_decode(m, xs, latent_decode, "page_topk")
         torch.testing.assert_close(kernel, our_decode(m, xs, latent_decode_reference, "page_topk"), atol=2e-5,
                                    rtol=2e-5)
+
+
+def test_kernel_wide_rank_and_pages_longer_than_a_tile():
+    """Rk > 64 (the key rebuild is accumulated over rank chunks) and 64-slot pages (two 32-slot tiles per page)."""
+    g = torch.Generator().manual_seed(5)
+    rk, rv, length, d = 80, 24, 150, 16
+    c_k, c_v = torch.randn(2, 1, length, rk, generator=g), torch.randn(2, 1, length, rv, generator=g)
+    cos, sin = rope_table(length, d, d)
+    w = LatentWeights(KV, torch.randn(rk, KV * d, generator=g) / 5, torch.randn(rv, KV * d, generator=g) / 3, cos, sin,
+                      torch.randn(KV * d, generator=g), None, torch.rand(d, generator=g) + 0.5, 1e-6)
+    q = torch.randn(2, H, d, generator=g)
+    lens = torch.tensor([length, 70], dtype=torch.int32)
+    keys = rebuild_keys(c_k[:, 0], w, torch.arange(length)[None].expand(2, -1))
+    kmin, kmax = page_summaries(keys, lens, 64)
+    sel = select_pages(score_pages(q, kmin, kmax), lens, 64, 2, 1, 0)
+    for counts, indices in ((None, None), (sel.counts, sel.indices)):
+        want = latent_decode_reference(q, c_k, c_v, lens, w, counts, indices, 64)
+        for splits in (None, 2):
+            torch.testing.assert_close(latent_decode(q, c_k, c_v, lens, w, counts, indices, 64, num_splits=splits),
+                                       want, atol=2e-5, rtol=2e-5)
+
+
+def test_kernel_compiles_for_rtx_targets_within_shared_memory():
+    """No GPU needed: SmolLM2-135M's latent shapes compile through ptxas for SM86 / SM89 inside their ~99 KB of shared
+    memory per block (a fresh process: the interpreter patches triton.language)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import json; from kvconvert.kernels._triton_latent import compile_latent_decode as c; "
+            "print(json.dumps([c('fp16', 3, 64, 96, 96, page=64, cc=86)[2], c('bf16', 3, 64, 192, 192, cc=89)[2]]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=600,
+                         cwd=Path(__file__).parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    for meta in json.loads(res.stdout.strip().splitlines()[-1]):
+        assert 0 < meta["shared"] <= 99 * 1024, meta

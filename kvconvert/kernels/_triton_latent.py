@@ -19,10 +19,11 @@ def _latent_decode_kernel(
     HKV, pages_per_split, num_splits, scale, eps, sink, window,
     G: tl.constexpr, D: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_RV: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_RV: tl.constexpr, SUB: tl.constexpr, STEP: tl.constexpr,
     SPLIT: tl.constexpr, NORM: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """Per visited tile of BLOCK_N slots: x = c_k @ k_up_g + b and xr = c_k @ k_up_r_g + b_r (= rotate_half(x)),
+    """Tiles of BLOCK_N slots: STEP = BLOCK_N // BLOCK_P whole pages each, or (a page longer than the tile) SUB =
+    BLOCK_P // BLOCK_N tiles per page. Per tile: x = c_k @ k_up_g + b and xr = c_k @ k_up_r_g + b_r (= rotate_half(x)),
     accumulated over chunks of BLOCK_R latent dims; optional k_norm; k = x * cos + xr * sin; scores for the G
     query rows; acc += p @ c_v in latent space. A joint latent passes the same buffer as CK and CV: the second
     read of a tile's rows hits the cache (each row leaves HBM once per program)."""
@@ -36,7 +37,7 @@ def _latent_decode_kernel(
     rk = tl.arange(0, BLOCK_R)
     rv = tl.arange(0, BLOCK_RV)
     which = slots // BLOCK_P
-    within = slots % BLOCK_P
+    slot_in_page = slots % BLOCK_P
     row_ok = rows < G
     dim_ok = dims < D
     rv_ok = rv < RV
@@ -53,9 +54,11 @@ def _latent_decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_RV], tl.float32)
-    for r in range(start, stop, BLOCK_N // BLOCK_P):
-        rank_ok = r + which < stop
-        page = tl.load(IDX + b * sib + g * sih + r + which, mask=rank_ok, other=0)
+    for t in range(start * SUB, stop * SUB, STEP):
+        rank = t // SUB + which
+        rank_ok = rank < stop
+        page = tl.load(IDX + b * sib + g * sih + rank, mask=rank_ok, other=0)
+        within = (t % SUB) * BLOCK_N + slot_in_page
         pos = page * PAGE + within
         ok = rank_ok & (within < PAGE) & (pos < seq_len)
         if window > 0:
@@ -97,6 +100,12 @@ def _latent_decode_kernel(
         tl.store(MASS + b * HKV * G + g * G + rows, tl.where(l_i > 0, 1.0, 0.0), mask=row_ok)
 
 
+def _block_n(rank_v: int) -> int:
+    """Slots per tile: 32 keeps fp16 SmolLM2-sized groups (D 64, ranks 96) at ~70 KB of shared memory, inside the
+    ~99 KB of SM86/89 (64 slots take ~115 KB); wide value latents take 16."""
+    return 32 if rank_v <= 128 else 16
+
+
 def _check(q, c_k, c_v, w):
     b, h, d = q.shape
     kv = w.num_kv_heads
@@ -129,9 +138,8 @@ def latent_decode_triton(q, c_k, c_v, seq_lens, w, counts, indices, page_size: i
     splits = num_splits or _default_splits(b * hkv, max_pages, q.device)
     splits = max(1, min(splits, max(max_pages, 1)))
     bp = block(page_size)
-    block_n = block_n or (64 if rv <= 128 else 32)
-    bn = max(bp, block_n)
-    per_tile = bn // bp
+    bn = block_n or _block_n(rv)
+    per_tile = max(1, bn // bp)
     pps = per_tile * max(1, math.ceil(max_pages / splits / per_tile))
     splits = max(1, math.ceil(max_pages / pps)) if max_pages else 1
     bg, brv = block(g), block(rv)
@@ -150,7 +158,7 @@ def latent_decode_triton(q, c_k, c_v, seq_lens, w, counts, indices, page_size: i
         counts.stride(0), counts.stride(1), indices.stride(0), indices.stride(1), out.stride(0), out.stride(1),
         up.stride(0), hkv, pps, splits, scale, float(w.k_norm_eps), int(sink), int(window),
         G=g, D=d, RK=rk, RV=rv, PAGE=page_size, BLOCK_G=bg, BLOCK_P=bp, BLOCK_N=bn, BLOCK_D=block(d),
-        BLOCK_R=min(64, block(rk)), BLOCK_RV=brv, SPLIT=splits > 1, NORM=w.k_norm, DOT_F32=dot_f32(q.dtype),
+        BLOCK_R=min(64, block(rk)), BLOCK_RV=brv, SUB=max(1, bp // bn), STEP=per_tile, SPLIT=splits > 1, NORM=w.k_norm, DOT_F32=dot_f32(q.dtype),
         num_warps=num_warps(),
     )
     if splits > 1:
@@ -175,10 +183,10 @@ def compile_latent_decode(dtype: str, group: int, head_dim: int, rank_k: int, ra
     signature |= {n: "i32" for n in ("sqb", "sqh", "sckb", "sckt", "scvb", "scvt", "scb", "sch", "sib", "sih", "sob",
                                      "soh", "skup", "HKV", "pages_per_split", "num_splits")}
     signature |= {"scale": "fp32", "eps": "fp32", "sink": "i32", "window": "i32"}
-    bp = block(page)
+    bp, bn = block(page), _block_n(rank_v)
     constexprs = {"G": group, "D": head_dim, "RK": rank_k, "RV": rank_v, "PAGE": page, "BLOCK_G": block(group),
-                  "BLOCK_P": bp, "BLOCK_N": max(bp, 64 if rank_v <= 128 else 32), "BLOCK_D": block(head_dim),
-                  "BLOCK_R": min(64, block(rank_k)), "BLOCK_RV": block(rank_v), "SPLIT": split, "NORM": norm,
+                  "BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_D": block(head_dim), "BLOCK_R": min(64, block(rank_k)),
+                  "BLOCK_RV": block(rank_v), "SUB": max(1, bp // bn), "STEP": max(1, bn // bp), "SPLIT": split, "NORM": norm,
                   "DOT_F32": dtype == "fp32"}
     signature |= {n: "constexpr" for n in constexprs}
     fn = _latent_decode_kernel

@@ -53,6 +53,9 @@ def kv_attention_step(trt, attrs: dict[str, Any], input_desc, output_desc, input
             out.copy_(res)
 
 
+_LATENT_WEIGHTS: dict = {}
+
+
 def _write_rows(buffer, new, cache_length) -> None:
     """In place: new [B, 1, S, R] into buffer [B, 1, T, R] at slots cache_length[b] + s."""
     import torch
@@ -90,15 +93,25 @@ def kv_latent_attention_step(trt, attrs: dict[str, Any], input_desc, output_desc
         s = q.shape[2]
         policy = attrs["policy_decode"] if s == 1 else attrs["policy_prefill"]
         plain = attrs["softcap"] == 0 and attrs["sliding_window"] == 0
+        res = None
         if s == 1 and plain and policy in ("dense", "sink_window"):
-            w = LatentWeights.from_op_inputs(attrs, x["k_up"], x["k_bias"], x["v_up"], x["v_bias"], x["k_norm_weight"],
-                                             x["rope_cos"], x["rope_sin"])
+            key = tuple(x[n].data_ptr() for n in ("k_up", "v_up", "rope_cos", "k_bias", "k_norm_weight"))
+            w = _LATENT_WEIGHTS.get(key)
+            if w is None:  # engine weights never move: the prepared tables are made once per layer
+                w = _LATENT_WEIGHTS[key] = LatentWeights.from_op_inputs(
+                    attrs, x["k_up"], x["k_bias"], x["v_up"], x["v_bias"], x["k_norm_weight"], x["rope_cos"],
+                    x["rope_sin"])
             q_rot = rotate(q, x["rope_cos"][cl][:, None, None], x["rope_sin"][cl][:, None, None])[:, :, 0]
             window = attrs["policy_decode_window"] if policy == "sink_window" else 0
-            res = latent_decode(q_rot.contiguous(), c_k, c_v, cl + 1, w, sink=attrs["policy_decode_sink"] if window else 0,
-                                window=window, scale=attrs["scale"])
-            out.copy_(res.reshape(out.shape).to(out.dtype))
-        else:
+            try:
+                res = latent_decode(q_rot.contiguous(), c_k, c_v, cl + 1, w,
+                                    sink=attrs["policy_decode_sink"] if window else 0, window=window, scale=attrs["scale"])
+            except Exception as exc:  # triton OutOfResources: ranks too wide for this GPU's shared memory
+                if type(exc).__name__ != "OutOfResources":
+                    raise
+            if res is not None:
+                out.copy_(res.reshape(out.shape).to(out.dtype))
+        if res is None:
             # the new latents are already in place: the reference gets zero new rows and attends over the buffers
             weights = [x[n] for n in names[names.index("k_up"):]]
             new = [x[n][:, :, :0] for n in (("kv_latent",) if joint else ("key_latent", "value_latent"))]
