@@ -41,7 +41,7 @@ def latent_onnx(tiny_folder, tmp_path_factory):
         key = (model_type, joint, attention, tuple(sorted(fields.items())))
         if key not in cache:
             out = tmp_path_factory.mktemp("onnx") / "o"
-            cfg = OnnxExportConfig(max_context=MAX_CONTEXT, dtype="fp16", attention=attention, **fields)
+            cfg = OnnxExportConfig(**{"max_context": MAX_CONTEXT, "dtype": "fp16", "attention": attention, **fields})
             result = export_onnx(str(models[(model_type, joint)]), cfg, out, progress=False)
             assert result.metrics["validation"]["passed"], result.metrics["validation"]
             cache[key] = out
@@ -155,11 +155,13 @@ def test_latent_plugin_receives_the_node_attributes(latent_onnx, tmp_path, monke
     assert layers[0]["policy_decode"] == "sink_window" and layers[0]["policy_decode_window"] == 8
 
 
-def test_aot_plugin_refuses_latent_graph(latent_onnx, tmp_path):
+def test_aot_plugin_refuses_page_topk_latent_graph(latent_onnx, tmp_path):
     from kvconvert.export.engine import EngineConfig, export_engine
 
-    with pytest.raises(UserError, match="KVLatentAttention"):
-        export_engine(latent_onnx("qwen2", False), EngineConfig(backend="tensorrt", plugin="aot"), tmp_path / "eng")
+    """The fused AOT latent kernel does dense and sink_window only: refused before TensorRT is even imported."""
+    onnx_dir = latent_onnx("qwen2", False, policy="page_topk:page=16,dense_below=16", max_context=64)
+    with pytest.raises(UserError, match="page_topk"):
+        export_engine(onnx_dir, EngineConfig(backend="tensorrt", plugin="aot"), tmp_path / "eng")
     assert not (tmp_path / "eng").exists()
 
 

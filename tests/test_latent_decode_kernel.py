@@ -251,3 +251,57 @@ def test_kernel_compiles_for_rtx_targets_within_shared_memory():
     assert res.returncode == 0, res.stderr[-2000:]
     for meta in json.loads(res.stdout.strip().splitlines()[-1]):
         assert 0 < meta["shared"] <= 99 * 1024, meta
+
+
+@pytest.mark.parametrize("joint", [False, True])
+@pytest.mark.parametrize("s,policy", [(1, None), (3, "sink_window"), (1, "softcap")])
+def test_fused_aot_step_equals_op_reference(joint, s, policy):
+    """The AOT plugin's single kernel (latent cache write + attention, inputs as the op gets them, partial rotary)
+    == KVLatentAttention's eager reference, output and buffers, on ragged cache lengths."""
+    from kvconvert.kernels._triton_latent_step import latent_step
+
+    g = torch.Generator().manual_seed(7)
+    t, rotary = 40, 12
+    rv = RK if joint else RV
+    sw = {"kind": "sink_window", "decode": "sink_window", "decode_sink": 2, "decode_window": 5,
+          "prefill": "sink_window", "prefill_sink": 2, "prefill_window": 5}
+    attrs = latent_node_attributes(joint_kv=joint, k_norm_eps=1e-6, num_heads=H, num_kv_heads=KV, head_dim=D,
+                                   scale=0.3, softcap=5.0 if policy == "softcap" else 0.0,
+                                   policy=sw if policy == "sink_window" else None)
+    cos, sin = rope_table(t, D, rotary)
+    weights = [torch.randn(RK, KV * D, generator=g) / 3, torch.randn(KV * D, generator=g),
+               torch.randn(rv, KV * D, generator=g) / 3, torch.randn(KV * D, generator=g),
+               torch.rand(D, generator=g) + 0.5, cos, sin]
+    q, kn, vn = torch.randn(B, H, s, D, generator=g), torch.randn(B, 1, s, RK, generator=g), torch.randn(B, 1, s, RV,
+                                                                                                         generator=g)
+    pk, pv = torch.randn(B, 1, t, RK, generator=g), torch.randn(B, 1, t, RV, generator=g)
+    cl = torch.tensor([10, 25])
+
+    def inputs():
+        return [q, kn, pk.clone(), cl] if joint else [q, kn, vn, pk.clone(), pv.clone(), cl]
+
+    ref = kv_latent_attention_reference(*inputs(), *weights, attrs=attrs)
+    mine = inputs()
+    out = latent_step(*mine, *weights, attrs=attrs)
+    torch.testing.assert_close(out, ref[0], atol=2e-5, rtol=2e-5)
+    for buf, want in zip(mine[2:3] if joint else mine[3:5], ref[1:]):
+        assert torch.equal(buf, want)
+
+
+def test_fused_aot_step_compiles_to_ptx_without_gpu():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import json; from kvconvert.kernels._triton_latent_step import compile_latent_step_ptx as c; "
+            "from kvconvert.export.onnx.latent_op import latent_node_attributes as a; "
+            "x = a(joint_kv=True, k_norm_eps=1e-6, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125); "
+            "n, p, m = c('fp16', x, 3, 64, 192, 192, 64, cc=86); print(json.dumps([n, '.entry ' + n in p, m]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=900,
+                         cwd=Path(__file__).parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    name, has_entry, meta = json.loads(res.stdout.strip().splitlines()[-1])
+    assert name.startswith("latent_step_joint_aot_kernel") and has_entry and meta["num_warps"] >= 1

@@ -53,9 +53,10 @@ def op_type(meta: dict[str, Any]) -> str:
 def _check_config(cfg: EngineConfig, meta: dict[str, Any]) -> None:
     if cfg.plugin == "aot" and cfg.backend != "tensorrt":
         raise UserError("--plugin aot needs --backend tensorrt (TensorRT-RTX has no tensorrt.plugin AOT support)")
-    if cfg.plugin == "aot" and op_type(meta) == "KVLatentAttention" and meta.get("attention", {}).get("mode") != "standard":
-        raise UserError("--plugin aot has no KVLatentAttention kernel yet; build a latent graph with --plugin python, "
-                        "or export it with --attention standard (no plugin)")
+    if cfg.plugin == "aot" and op_type(meta) == "KVLatentAttention":
+        from .plugin_aot import check_latent_aot
+
+        check_latent_aot(meta)
     for cc in cfg.compute_capabilities or []:
         if cc not in RTX_TARGETS:
             raise UserError(f"unknown compute capability '{cc}'; TensorRT-RTX targets: {', '.join(RTX_TARGETS)}")
@@ -117,7 +118,11 @@ def _current_gpu() -> list[str]:
 
 
 def _register_plugin(trt, cfg: EngineConfig, meta: dict[str, Any]) -> None:
-    if cfg.plugin == "aot":
+    if cfg.plugin == "aot" and op_type(meta) == "KVLatentAttention":
+        from .plugin_aot import register_latent_aot
+
+        register_latent_aot(trt, meta)
+    elif cfg.plugin == "aot":
         from .plugin_aot import register_aot
 
         register_aot(trt, meta)

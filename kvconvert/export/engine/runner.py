@@ -41,9 +41,10 @@ class Runner:
 
             register(trt)
         elif self.eng["plugin"]["mode"] == "aot":
-            from .plugin_aot import register_aot
+            from .plugin_aot import register_aot, register_latent_aot
 
-            register_aot(trt, self.eng["onnx"]["metadata"])
+            meta = self.eng["onnx"]["metadata"]
+            (register_latent_aot if self.eng["plugin"]["name"] == "KVLatentAttention" else register_aot)(trt, meta)
         if not torch.cuda.is_available():
             raise UserError("running a TensorRT engine needs a CUDA GPU")
         major, minor = torch.cuda.get_device_capability()
