@@ -1,6 +1,7 @@
 """export_onnx on latent-KV models (kvconvert fit-latent): the graph caches the latents, ONNX Runtime logits and
 greedy tokens == the latent PyTorch model, the buffers' bytes per token == what `describe`/`inspect` report."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -197,15 +198,13 @@ def latent_onnx(latent_folder, tmp_path_factory):
                        progress=False).out
 
 
-def test_engine_build_refuses_latent_graph(latent_onnx, tmp_path, cli):
-    from kvconvert.export.engine import EngineConfig, export_engine
-
-    with pytest.raises(UserError, match="latent-KV graph .*KVLatentAttention.*no TensorRT plugin"):
-        export_engine(latent_onnx, EngineConfig(), tmp_path / "eng")
-    assert not (tmp_path / "eng").exists()
-    code, _, err = cli("export", "engine", latent_onnx, "--out", tmp_path / "eng2")
-    assert code == 2 and "KVLatentAttention" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "eng2").exists()
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt-rtx-cu13 not installed")
+def test_cli_builds_engine_from_latent_graph(latent_onnx, tmp_path, cli):
+    """The KVLatentAttention plugin binds every latent node (tests/test_export_engine_latent.py checks the plan)."""
+    code, _, err = cli("export", "engine", latent_onnx, "--out", tmp_path / "eng")
+    assert code == 0, err
+    eng = json.loads((tmp_path / "eng" / "kvconvert.json").read_text())["engine"]
+    assert eng["plugin"]["name"] == "KVLatentAttention" and eng["aliases"]["present_key_latent_0"] == "past_key_latent_0"
 
 
 def test_triton_repository_from_latent_onnx_runs_onnxruntime(latent_onnx, tmp_path):
@@ -219,9 +218,12 @@ def test_triton_repository_from_latent_onnx_runs_onnxruntime(latent_onnx, tmp_pa
     assert "onnxruntime" in text
 
 
-def test_standard_attention_refuses_latent_model(latent_folder, tmp_path, cli):
-    """Standard ONNX Attention would cache full K/V: a latent model asks for KVLatentAttention instead."""
+def test_standard_attention_on_latent_model_keeps_the_latent_cache(latent_folder, tmp_path, cli):
+    """--attention standard on a latent model: standard ops rebuild K/V from the latent buffers (latent_standard.py);
+    the cache stays the latents and the export validates against the latent PyTorch model."""
     code, _, err = cli("export", "onnx", str(latent_folder("qwen2")), "--attention", "standard", "--out",
-                       tmp_path / "o", "--no-validate")
-    assert code == 2 and "latent-KV model" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists()
+                       tmp_path / "o", "--max-context", MAX_CONTEXT)
+    assert code == 0, err
+    graph, meta = _graph(tmp_path / "o")
+    assert meta["cache"]["kind"] == "latent" and not graph.functions
+    assert all(name.startswith("past_") and "latent" in name for name in meta["inputs"][3:])

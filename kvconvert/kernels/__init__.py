@@ -6,6 +6,12 @@ from .block_sparse_prefill import (
     block_sparse_prefill_reference,
     sink_window_prefill_reference,
 )
+from .latent_decode import (
+    LatentWeights,
+    latent_decode,
+    latent_decode_reference,
+    sink_window_pages,
+)
 from .paged_decode import dense_decode, dense_decode_reference, paged_decode, paged_decode_reference
 from .selection import (
     BlockSelection,
@@ -23,8 +29,9 @@ from .sink_window_decode import sink_window_decode, sink_window_decode_reference
 
 __all__ = [
     "BlockSelection", "PageSelection", "all_blocks", "all_pages", "block_importance", "block_sparse_prefill",
-    "block_sparse_prefill_reference", "dense_decode", "dense_decode_reference", "page_summaries",
+    "block_sparse_prefill_reference", "dense_decode", "dense_decode_reference", "LatentWeights", "latent_decode",
+    "latent_decode_reference", "page_summaries",
     "paged_decode", "paged_decode_reference", "score_pages", "select_blocks", "select_pages",
-    "sink_window_decode", "sink_window_decode_reference", "sink_window_prefill_reference",
+    "sink_window_decode", "sink_window_decode_reference", "sink_window_pages", "sink_window_prefill_reference",
     "update_page_summaries",
 ]

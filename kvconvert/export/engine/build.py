@@ -1,17 +1,17 @@
-"""`export_engine(onnx_dir, cfg, out)`: parse the exported ONNX, bind KVAttention to our plugin, build a plan
-with a prefill and a decode optimization profile, write model.plan + kvconvert.json (+ tokenizer files)."""
+"""`export_engine(onnx_dir, cfg, out)`: parse the exported ONNX, bind KVAttention / KVLatentAttention to our plugin
+(or let TensorRT's own layers take a standard-op graph), build a plan with a prefill and a decode optimization
+profile, write model.plan + kvconvert.json (+ tokenizer files)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from ...errors import PassFailed, UserError
-from ...io import PassResult, atomic_output_dir, provenance
+from ...io import PassResult, atomic_output_dir, copy_side_files, provenance
 from ...io.hashing import file_sha256
 from .backend import import_backend, version
 from .config import RTX_TARGETS, EngineConfig
@@ -21,8 +21,6 @@ from .standard import attention_mode, cache_update_aliases, check_standard_graph
 log = logging.getLogger(__name__)
 PLAN_FILE = "model.plan"
 DEFAULT_RTX_TARGETS = ["SM80", "SM86", "SM89", "SM120"]
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
 
 
 def read_onnx_metadata(onnx_dir: Path) -> dict[str, Any]:
@@ -40,17 +38,25 @@ def read_onnx_metadata(onnx_dir: Path) -> dict[str, Any]:
     return json.loads(meta)
 
 
-def _check_graph(meta: dict[str, Any], onnx_dir: Path) -> None:
-    """KVAttention graphs (our plugin) and standard-op graphs build; a latent-KV graph (KVLatentAttention) is refused."""
-    op_type = meta.get("attention", {}).get("op_type", "KVAttention")
-    if op_type == "KVLatentAttention":
-        raise UserError(f"{onnx_dir} is a latent-KV graph (kvconvert::{op_type}); no TensorRT plugin exists for it "
-                        "yet: run it with ONNX Runtime (OrtGenerator, or kvconvert export triton on the ONNX folder)")
+def cache_aliases(meta: dict[str, Any]) -> dict[str, str]:
+    """{present_*: past_*} of every cache buffer (KV or latent), from the metadata's cache record."""
+    buffers = meta.get("cache", {}).get("buffers")
+    if buffers:
+        return {b["present"]: b["past"] for b in buffers}
+    return {f"present_{k}_{i}": f"past_{k}_{i}" for i in range(int(meta["num_layers"])) for k in ("key", "value")}
+
+
+def op_type(meta: dict[str, Any]) -> str:
+    return meta.get("attention", {}).get("op_type", "KVAttention")
 
 
 def _check_config(cfg: EngineConfig, meta: dict[str, Any]) -> None:
     if cfg.plugin == "aot" and cfg.backend != "tensorrt":
         raise UserError("--plugin aot needs --backend tensorrt (TensorRT-RTX has no tensorrt.plugin AOT support)")
+    if cfg.plugin == "aot" and op_type(meta) == "KVLatentAttention":
+        from .plugin_aot import check_latent_aot
+
+        check_latent_aot(meta)
     for cc in cfg.compute_capabilities or []:
         if cc not in RTX_TARGETS:
             raise UserError(f"unknown compute capability '{cc}'; TensorRT-RTX targets: {', '.join(RTX_TARGETS)}")
@@ -112,7 +118,11 @@ def _current_gpu() -> list[str]:
 
 
 def _register_plugin(trt, cfg: EngineConfig, meta: dict[str, Any]) -> None:
-    if cfg.plugin == "aot":
+    if cfg.plugin == "aot" and op_type(meta) == "KVLatentAttention":
+        from .plugin_aot import register_latent_aot
+
+        register_latent_aot(trt, meta)
+    elif cfg.plugin == "aot":
         from .plugin_aot import register_aot
 
         register_aot(trt, meta)
@@ -127,7 +137,6 @@ def export_engine(onnx_dir, cfg: EngineConfig, out, *, overwrite: bool = False, 
     TensorRT version, compute capabilities, profiles and the engine's I/O (names, dtypes, shapes, aliases)."""
     onnx_dir = Path(onnx_dir)
     meta = read_onnx_metadata(onnx_dir)
-    _check_graph(meta, onnx_dir)
     profiles = engine_profiles(meta, cfg)
     _check_config(cfg, meta)
     standard = attention_mode(meta) == "standard"
@@ -140,16 +149,15 @@ def export_engine(onnx_dir, cfg: EngineConfig, out, *, overwrite: bool = False, 
     logger = trt.Logger(trt.Logger.WARNING)
     builder, network, _parser = _parse(trt, logger, onnx_dir / "model.onnx")
     io = _tensor_io(network)
-    num_layers = int(meta["num_layers"])
     layers = layer_counts(network)
     if standard:
-        aliases = cache_update_aliases(trt, network, num_layers)
+        aliases = cache_update_aliases(trt, network, cache_aliases(meta))
         if cfg.decompose_attention:
             decompose_attention(trt, network)
         plugin = {"mode": "none", "needs_python": False}
     else:
-        aliases = {f"present_{k}_{i}": f"past_{k}_{i}" for i in range(num_layers) for k in ("key", "value")}
-        plugin = {"mode": cfg.plugin, "name": "KVAttention", "namespace": "kvconvert", "version": "1",
+        aliases = cache_aliases(meta)
+        plugin = {"mode": cfg.plugin, "name": op_type(meta), "namespace": "kvconvert", "version": "1",
                   "needs_python": cfg.plugin == "python"}
     bc, targets = _builder_config(trt, builder, cfg, profiles)
     plan = builder.build_serialized_network(network, bc)
@@ -169,9 +177,7 @@ def export_engine(onnx_dir, cfg: EngineConfig, out, *, overwrite: bool = False, 
     with atomic_output_dir(out, overwrite, inputs=(onnx_dir,)) as tmp:
         (tmp / PLAN_FILE).write_bytes(bytes(plan))
         engine["plan_sha256"] = file_sha256(tmp / PLAN_FILE)
-        for name in SIDE_FILES:
-            if (onnx_dir / name).is_file():
-                shutil.copy2(onnx_dir / name, tmp / name)
+        copy_side_files(onnx_dir, tmp)
         provenance.add_pass(record, "export_engine", cfg.model_dump(), seconds, metrics)
         record["engine"] = engine
         provenance.write(tmp, record)

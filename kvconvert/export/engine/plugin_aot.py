@@ -82,3 +82,90 @@ def register_aot(trt: ModuleType, meta: dict[str, Any]) -> None:
 
     del meta
     _DONE.add(trt.__name__)
+
+
+LATENT_ATTRS = {  # KVLatentAttention's node attributes and their Python types (export/onnx/latent_op.py)
+    "num_heads": int, "num_kv_heads": int, "head_dim": int, "scale": float, "softcap": float, "sliding_window": int,
+    "layer": int, "policy": str, "plugin_namespace": str, "plugin_version": str, "policy_decode": str,
+    "policy_decode_sink": int, "policy_decode_window": int, "policy_prefill": str, "policy_prefill_sink": int,
+    "policy_prefill_window": int, "policy_decode_page": int, "policy_decode_keep": float, "policy_decode_budget": int,
+    "policy_decode_sink_pages": int, "policy_decode_recent_pages": int, "policy_decode_dense_below": int,
+    "policy_prefill_tile": int, "policy_prefill_mass": float, "policy_prefill_density": float,
+    "policy_prefill_sink_blocks": int, "policy_prefill_local_blocks": int, "policy_prefill_dense_below": int,
+    "joint_kv": int, "k_norm_eps": float,
+}
+
+
+def check_latent_aot(meta: dict[str, Any]) -> None:
+    """UserError for what the fused AOT latent kernel does not do: page_topk / block-sparse selections."""
+    for a in meta["attention"]["per_layer"]:
+        if a.get("policy_decode_page", 0) > 0 or a.get("policy_prefill_tile", 0) > 0:
+            raise UserError(f"layer {a['layer']}: --plugin aot runs dense and sink_window latent attention only; "
+                            "build page_topk / block_sparse_prefill latent graphs with --plugin python")
+
+
+def _latent_functions(trtp, joint: bool, impl):
+    """(descriptor, aot_impl) with the op's explicit signature (tensorrt.plugin reads the parameters)."""
+    from ...export.onnx.latent_op import latent_io
+
+    inputs, outputs = latent_io(joint)
+    tensors = ", ".join(f"{n}: trtp.TensorDesc" for n in inputs)
+    attrs = ", ".join(f"{n}: {t.__name__}" for n, t in LATENT_ATTRS.items())
+    call = ", ".join([f"{n}={n}" for n in inputs + list(LATENT_ATTRS)])
+    out_types = ", ".join(["trtp.TensorDesc"] * len(outputs))
+    src = (f"def latent_desc({tensors}, {attrs}) -> tuple[{out_types}]:\n"
+           f"    out = query.like()\n    q = query.shape_expr\n    out.shape_expr = [q[0], q[2], q[1], q[3]]\n"
+           f"    return (out, {', '.join(f'{p}.aliased()' for p in inputs if p.startswith('past_'))})\n"
+           f"def latent_aot({tensors}, {attrs}, outputs: tuple[trtp.TensorDesc], tactic: int)"
+           f" -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:\n"
+           f"    return impl(dict({call}), outputs)\n")
+    scope: dict[str, Any] = {"trtp": trtp, "impl": impl}
+    exec(compile(src, "<kvconvert latent aot>", "exec"), scope)  # noqa: S102 - our own generated signature
+    return scope["latent_desc"], scope["latent_aot"]
+
+
+def register_latent_aot(trt: ModuleType, meta: dict[str, Any]) -> None:
+    """Register kvconvert::KVLatentAttention with tensorrt.plugin: descriptor (outputs aliased to the past latent
+    buffers) + AOT implementation returning the PTX of `kernels._triton_latent_step` (cache write + attention)."""
+    key = f"{trt.__name__}:latent"
+    if key in _DONE:
+        return
+    try:
+        import tensorrt.plugin as trtp
+    except ImportError:
+        raise UserError("--plugin aot needs enterprise TensorRT >= 10.8 with tensorrt.plugin") from None
+    check_latent_aot(meta)
+    joint = bool(meta["attention"]["attributes"].get("joint_kv", 0))
+
+    def impl(x: dict[str, Any], outputs):
+        import torch
+
+        from ...kernels._triton_latent_step import compile_latent_step_ptx, phase_window
+
+        q, cache = x["query"].shape_expr, (x["past_kv_latent"] if joint else x["past_key_latent"]).shape_expr
+        rank_k = cache[3].constant_value()
+        rank_v = rank_k if joint else x["past_value_latent"].shape_expr[3].constant_value()
+        rotary = x["rope_cos"].shape_expr[1].constant_value()
+        kv = x["num_kv_heads"]
+        major, minor = torch.cuda.get_device_capability()
+        name, ptx, info = compile_latent_step_ptx(_DTYPES[x["query"].dtype.name], x, x["num_heads"] // kv,
+                                                  x["head_dim"], rank_k, rank_v, rotary, cc=major * 10 + minor)
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = q[0] * kv
+        launch.block_x = info["num_warps"] * 32
+        launch.shared_mem = info["shared"]
+        decode = q[2].is_constant and q[2].constant_value() == 1
+        sink, window = phase_window(x, 1) if decode else phase_window(x, 2)
+        extras = [q[2], cache[2], q[1], kv, sink, window, x["sliding_window"]]
+        tensors = (11 + 2) if joint else (13 + 3)
+        params = len(re.findall(r"\.param\s", ptx.split(f".entry {name}", 1)[1].split(")", 1)[0]))
+        extras += [0] * max(0, params - tensors - len(extras))
+        sym = trtp.SymIntExprs(len(extras))
+        for i, e in enumerate(extras):
+            sym[i] = e if isinstance(e, trtp.SymInt32) else trtp.SymInt32(int(e))
+        return name, ptx, launch, sym
+
+    desc, aot = _latent_functions(trtp, joint, impl)
+    trtp.register("kvconvert::KVLatentAttention")(desc)
+    trtp.aot_impl("kvconvert::KVLatentAttention")(aot)
+    _DONE.add(key)

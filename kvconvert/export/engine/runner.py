@@ -41,9 +41,10 @@ class Runner:
 
             register(trt)
         elif self.eng["plugin"]["mode"] == "aot":
-            from .plugin_aot import register_aot
+            from .plugin_aot import register_aot, register_latent_aot
 
-            register_aot(trt, self.eng["onnx"]["metadata"])
+            meta = self.eng["onnx"]["metadata"]
+            (register_latent_aot if self.eng["plugin"]["name"] == "KVLatentAttention" else register_aot)(trt, meta)
         if not torch.cuda.is_available():
             raise UserError("running a TensorRT engine needs a CUDA GPU")
         major, minor = torch.cuda.get_device_capability()
@@ -58,6 +59,8 @@ class Runner:
         self.context = self.engine.create_execution_context()
         self.meta = self.eng["onnx"]["metadata"]
         self.num_layers = int(self.meta["num_layers"])
+        self.cache_names = list(self.meta.get("inputs", [])[3:]) or [
+            f"past_{k}_{i}" for i in range(self.num_layers) for k in ("key", "value")]
         self.stream = torch.cuda.Stream()
         self._profile = -1
 
@@ -67,15 +70,14 @@ class Runner:
         return getattr(torch, _TORCH_DTYPES[self.engine.get_tensor_dtype(name).name])
 
     def empty_cache(self, batch: int) -> list:
-        """Zeroed device buffers past_key_0, past_value_0, ... [batch, kv_heads, max_context, head_dim]."""
+        """Zeroed device buffers in graph order (past_key_0, past_value_0, ... [batch, kv_heads, max_context,
+        head_dim], or a latent model's past_key_latent_0, ... [batch, 1, max_context, rank])."""
         import torch
 
         out = []
-        for i in range(self.num_layers):
-            for kind in ("key", "value"):
-                name = f"past_{kind}_{i}"
-                shape = (batch, *tuple(self.engine.get_tensor_shape(name))[1:])
-                out.append(torch.zeros(shape, dtype=self._dtype(name), device="cuda"))
+        for name in self.cache_names:
+            shape = (batch, *tuple(self.engine.get_tensor_shape(name))[1:])
+            out.append(torch.zeros(shape, dtype=self._dtype(name), device="cuda"))
         return out
 
     def step(self, input_ids, position_ids, cache_length, cache: list):
@@ -89,16 +91,14 @@ class Runner:
             ctx.set_optimization_profile_async(profile, self.stream.cuda_stream)
             self._profile = profile
         feeds = {"input_ids": input_ids, "position_ids": position_ids, "cache_length": cache_length}
-        for i in range(self.num_layers):
-            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache[2 * i], cache[2 * i + 1]
+        feeds.update(zip(self.cache_names, cache))
         for name, t in feeds.items():
             ctx.set_input_shape(name, tuple(t.shape))
             ctx.set_tensor_address(name, t.data_ptr())
         logits = torch.empty(tuple(ctx.get_tensor_shape("logits")), dtype=self._dtype("logits"), device="cuda")
         ctx.set_tensor_address("logits", logits.data_ptr())
-        for i in range(self.num_layers):
-            ctx.set_tensor_address(f"present_key_{i}", cache[2 * i].data_ptr())
-            ctx.set_tensor_address(f"present_value_{i}", cache[2 * i + 1].data_ptr())
+        for name, buf in zip(self.cache_names, cache):
+            ctx.set_tensor_address(name.replace("past_", "present_", 1), buf.data_ptr())
         if not ctx.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed (see the log)")
         self.stream.synchronize()

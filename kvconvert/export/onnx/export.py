@@ -73,7 +73,7 @@ def export_onnx(model: Any, cfg: OnnxExportConfig | None = None, out: str | Path
     policy = bind_policy(cfg.policy, view, max_context)
     opset = cfg.resolved_opset()
     if cfg.attention == "standard":
-        check_standard(opset, policy.page_topk, policy.block_sparse, latent=layout.latent)
+        check_standard(opset, policy.page_topk, policy.block_sparse)
     dtype = TORCH_DTYPES[cfg.dtype]
     out = Path(out)
     from .footprint import check_export_fits
@@ -90,7 +90,11 @@ def export_onnx(model: Any, cfg: OnnxExportConfig | None = None, out: str | Path
         step = DecoderStep(torch_model, view, layout, logits=cfg.logits, policy_attributes=policy.layer_attributes)
         graph = trace_to_onnx(step, max_context, dtype, opset, tmp / "model.onnx", page_topk=policy.page_topk,
                               block_sparse=policy.block_sparse)
-        if cfg.attention == "standard":
+        if cfg.attention == "standard" and layout.latent:
+            from .latent_standard import lower_latent_to_standard
+
+            lower_latent_to_standard(graph, view.rope.rotary_dim)
+        elif cfg.attention == "standard":
             lower_to_standard(graph, max_context)
         vocab = int(torch_model.get_output_embeddings().weight.shape[0])
         attach_metadata(graph, graph_metadata(view, layout, cfg, max_context, vocab,

@@ -9,7 +9,7 @@ from ...errors import UserError
 
 TRT_TO_TRITON = {"FLOAT": "TYPE_FP32", "HALF": "TYPE_FP16", "BF16": "TYPE_BF16", "INT64": "TYPE_INT64",
                  "INT32": "TYPE_INT32", "BOOL": "TYPE_BOOL", "INT8": "TYPE_INT8", "UINT8": "TYPE_UINT8"}
-STATE_PREFIXES = ("past_key_", "past_value_")
+STATE_PREFIXES = ("past_key_", "past_value_", "past_kv_latent_")  # K/V, latent (past_key_latent_...), joint latent
 
 
 def _pb():

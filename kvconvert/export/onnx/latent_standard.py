@@ -1,0 +1,152 @@
+"""Latent-KV attention from standard ONNX ops (`--attention standard` on a fit-latent model), opset >= 24.
+
+Every traced `kvconvert::KVLatentAttention` node is replaced by (per layer; see latent_op.py for the inputs):
+  present_*_latent = TensorScatter(past_*_latent, new latent, cache_length, axis=2)   the latent buffers, in place
+  c    = Slice(present, slots [0, N))         N = max(cache_length) + S: only the filled part of the buffer
+  K    = RotaryEmbedding(RMSNormalization(Reshape(c_k @ k_up + k_bias)), slot positions)   [B, KV, N, D]
+  V    = Transpose(Reshape(c_v @ v_up + v_bias))                                           [B, KV, N, Dv]
+  q    = RotaryEmbedding(query, positions cache_length + s)
+  y    = Attention(q, K, V, mask [B, 1, S, N], scale, softcap)   ->   output = Transpose(y) [B, S, H, Dv]
+(RMSNormalization only for k_norm models). The mask is `standard_attention`'s rule (causal on slot index, the
+model's sliding window, a sink_window policy) over the N filled slots, built once and shared by layers.
+Cost: each step rebuilds the keys and values of the N filled slots, N x (Rk + Rv) x KV x D multiply-adds per
+layer (plus RMSNorm and RoPE), which a dense cache does not pay; the bytes kept and read between steps are the
+latents only. page_topk / block_sparse_prefill policies are refused (they need the KVLatentAttention node).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+from onnx import TensorProto, helper
+
+from .attention_op import DOMAIN
+from .latent_op import LATENT_OP_TYPE, latent_io
+from .standard_attention import MASK_KEYS, _mask_nodes
+
+RECORD = {"domain": "ai.onnx", "op_type": "Attention", "cache_update": "TensorScatter",
+          "latent_rebuild": "MatMul+RMSNormalization+RotaryEmbedding"}
+
+
+def _const(name: str, values: list[int], scalar: bool = False) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], name=name,
+                            value=helper.make_tensor(name, TensorProto.INT64, [] if scalar else [len(values)], values))
+
+
+def _base_nodes() -> list[onnx.NodeProto]:
+    """lat_n (filled slots N, [1]), lat_kpos [B, N] slot positions, lat_qpos [B, S], and the names
+    `standard_attention._mask_nodes` reads (std_arange_t over the N slots, std_pos4, std_causal, std_is_decode)."""
+    n = helper.make_node
+    return [
+        _const("std_i0", [0], True), _const("std_i1", [1], True), _const("std_axes0", [0]),
+        _const("std_axes1", [1]), _const("std_axes_1_3", [1, 3]), _const("lat_axes2", [2]), _const("lat_zero1", [0]),
+        n("Shape", ["input_ids"], ["std_S1"], name="std_S1", start=1, end=2),
+        n("Shape", ["input_ids"], ["lat_B1"], name="lat_B1", start=0, end=1),
+        n("Squeeze", ["std_S1", "std_axes0"], ["std_S"], name="std_S"),
+        n("ReduceMax", ["cache_length"], ["lat_cl_max"], name="lat_cl_max", keepdims=0),
+        n("Add", ["lat_cl_max", "std_S"], ["lat_n"], name="lat_n"),
+        n("Unsqueeze", ["lat_n", "std_axes0"], ["lat_n1"], name="lat_n1"),
+        n("Range", ["std_i0", "lat_n", "std_i1"], ["std_arange_t"], name="std_arange_t"),
+        n("Range", ["std_i0", "std_S", "std_i1"], ["std_arange_s"], name="std_arange_s"),
+        n("Unsqueeze", ["cache_length", "std_axes1"], ["std_cl"], name="std_cl"),
+        n("Add", ["std_cl", "std_arange_s"], ["lat_qpos"], name="lat_qpos"),
+        n("Unsqueeze", ["lat_qpos", "std_axes_1_3"], ["std_pos4"], name="std_pos4"),
+        n("LessOrEqual", ["std_arange_t", "std_pos4"], ["std_causal"], name="std_causal"),
+        n("Equal", ["std_S", "std_i1"], ["std_is_decode"], name="std_is_decode"),
+        n("Unsqueeze", ["std_arange_t", "std_axes0"], ["lat_kpos1"], name="lat_kpos1"),
+        n("Concat", ["lat_B1", "lat_n1"], ["lat_kpos_shape"], name="lat_kpos_shape", axis=0),
+        n("Expand", ["lat_kpos1", "lat_kpos_shape"], ["lat_kpos"], name="lat_kpos"),
+    ]
+
+
+def _half_table(table: str, rotary_dim: int) -> tuple[str, list[onnx.NodeProto]]:
+    """RotaryEmbedding's cache [T, R/2]: the first half of our duplicated [T, R] table."""
+    out = f"{table}_half"
+    return out, [_const(f"{out}_end", [rotary_dim // 2]), _const(f"{out}_axis", [1]),
+                 helper.make_node("Slice", [table, "lat_zero1", f"{out}_end", f"{out}_axis"], [out], name=out)]
+
+
+def _rebuild(p: str, latent: str, up: str, bias: str, kv: int, out: str) -> list[onnx.NodeProto]:
+    """`out` [B, N, KV, D] = Slice(latent [B, 1, T, R] to N slots) @ up + bias."""
+    n = helper.make_node
+    return [
+        n("Slice", [latent, "lat_zero1", "lat_n1", "lat_axes2"], [f"{p}filled"], name=f"{p}filled"),
+        n("Squeeze", [f"{p}filled", "std_axes1"], [f"{p}c"], name=f"{p}c"),
+        n("MatMul", [f"{p}c", up], [f"{p}lin"], name=f"{p}lin"),
+        n("Add", [f"{p}lin", bias], [f"{p}biased"], name=f"{p}biased"),
+        _const(f"{p}shape", [0, 0, kv, -1]),
+        n("Reshape", [f"{p}biased", f"{p}shape"], [out], name=f"{p}heads"),
+    ]
+
+
+def _layer_nodes(node: onnx.NodeProto, attrs: dict[str, Any], mask: str, rotary_dim: int,
+                 tables: dict[str, str]) -> list[onnx.NodeProto]:
+    n = helper.make_node
+    joint = bool(attrs["joint_kv"])
+    x = dict(zip(latent_io(joint)[0], node.input))
+    outs = dict(zip(latent_io(joint)[1], node.output))
+    p = f"{node.name}_"
+    kv = int(attrs["num_kv_heads"])
+    if joint:
+        nodes = [n("TensorScatter", [x["past_kv_latent"], x["kv_latent"], x["cache_length"]],
+                   [outs["present_kv_latent"]], name=f"{p}update", axis=2)]
+        c_k = c_v = outs["present_kv_latent"]
+    else:
+        nodes = [n("TensorScatter", [x["past_key_latent"], x["key_latent"], x["cache_length"]],
+                   [outs["present_key_latent"]], name=f"{p}key_update", axis=2),
+                 n("TensorScatter", [x["past_value_latent"], x["value_latent"], x["cache_length"]],
+                   [outs["present_value_latent"]], name=f"{p}value_update", axis=2)]
+        c_k, c_v = outs["present_key_latent"], outs["present_value_latent"]
+    for table in (x["rope_cos"], x["rope_sin"]):
+        if table not in tables:
+            tables[table], made = _half_table(table, rotary_dim)
+            nodes += made
+    cos, sin = tables[x["rope_cos"]], tables[x["rope_sin"]]
+    rope = {"interleaved": 0, **({"rotary_embedding_dim": rotary_dim} if rotary_dim < int(attrs["head_dim"]) else {})}
+    nodes += _rebuild(f"{p}k_", c_k, x["k_up"], x["k_bias"], kv, f"{p}k_heads")
+    keys = f"{p}k_heads"
+    if attrs["k_norm_eps"] > 0:
+        nodes.append(n("RMSNormalization", [keys, x["k_norm_weight"]], [f"{p}k_normed"], name=f"{p}k_norm",
+                       axis=-1, epsilon=float(attrs["k_norm_eps"]), stash_type=1))
+        keys = f"{p}k_normed"
+    extra = {"softcap": float(attrs["softcap"])} if attrs["softcap"] > 0 else {}
+    nodes += [
+        n("Transpose", [keys], [f"{p}k_bhnd"], name=f"{p}k_bhnd", perm=[0, 2, 1, 3]),
+        n("RotaryEmbedding", [f"{p}k_bhnd", cos, sin, "lat_kpos"], [f"{p}keys"], name=f"{p}k_rope", **rope),
+        *_rebuild(f"{p}v_", c_v, x["v_up"], x["v_bias"], kv, f"{p}v_heads"),
+        n("Transpose", [f"{p}v_heads"], [f"{p}values"], name=f"{p}values", perm=[0, 2, 1, 3]),
+        n("RotaryEmbedding", [x["query"], cos, sin, "lat_qpos"], [f"{p}query"], name=f"{p}q_rope", **rope),
+        n("Attention", [f"{p}query", f"{p}keys", f"{p}values", mask], [f"{p}y"], name=f"{p}attention",
+          scale=float(attrs["scale"]), **extra),
+        n("Transpose", [f"{p}y"], [outs["output"]], name=f"{p}output", perm=[0, 2, 1, 3]),
+    ]
+    return nodes
+
+
+def lower_latent_to_standard(model: onnx.ModelProto, rotary_dim: int) -> int:
+    """Rewrite every KVLatentAttention node of `model` (opset >= 24) in place (RoPE on the first `rotary_dim`
+    dims of each head); drops the function and the `kvconvert` domain. Returns the number of distinct masks."""
+    masks: dict[tuple[int, ...], str] = {}
+    body: list[onnx.NodeProto] = []
+    tables: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.domain != DOMAIN or node.op_type != LATENT_OP_TYPE:
+            body.append(node)
+            continue
+        node.name = node.name or f"kv_attention_{len(body)}"
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        key = tuple(int(attrs.get(k, 0)) for k in MASK_KEYS)
+        mask = masks.setdefault(key, f"std_mask_{len(masks)}")
+        body += _layer_nodes(node, attrs, mask, rotary_dim, tables)
+    head = _base_nodes() + [m for key, name in masks.items() for m in _mask_nodes(key, name)]
+    del model.graph.node[:]
+    model.graph.node.extend(head + body)
+    kept = [f for f in model.functions if not (f.domain == DOMAIN and f.name == LATENT_OP_TYPE)]
+    del model.functions[:]
+    model.functions.extend(kept)
+    if not any(nd.domain == DOMAIN for nd in model.graph.node) and not model.functions:
+        imports = [o for o in model.opset_import if o.domain != DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(imports)
+    return len(masks)
