@@ -203,6 +203,8 @@ def main() -> None:
     finally:
         for name in [n for n in runners if n not in ("kvconvert-16k", "ort-genai")]:
             runners.pop(name).close()
+    partial = table(main_results, [c for c, _ in cells], [n for n in models], "kvconvert")
+    args.out.write_text("# partial (main cells only; the run did not finish)\n" + "\n".join(partial) + "\n")
     long_cell = [(f"{args.long}", prompt_ids(folder, args.long))]
     long_runners = {n: r for n, r in runners.items()}
     try:

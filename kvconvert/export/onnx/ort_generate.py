@@ -92,7 +92,7 @@ class OrtGenerator:
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.get_outputs()[0].numpy()  # only the logits: copy_outputs_to_cpu would copy every cache buffer
 
     @staticmethod
     def to_ort_values(cache: list[np.ndarray]) -> list:
