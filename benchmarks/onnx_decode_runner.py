@@ -65,7 +65,8 @@ def genai_system(folder: str, threads: int):
         params.set_search_options(max_length=len(ids) + new, do_sample=False)
         gen = og.Generator(model, params)
         t0 = time.perf_counter()
-        gen.append_tokens(np.array([ids], np.int32))
+        gen.append_tokens(np.array([ids], np.int32))  # runs the prompt; the next call picks the first token
+        gen.generate_next_token()
         tokens = [int(gen.get_next_tokens()[0])]
         prefill = time.perf_counter() - t0
         t1 = time.perf_counter()
