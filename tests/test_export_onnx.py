@@ -101,17 +101,21 @@ def test_last_logits_fp16_and_external_data(tiny_folder, tmp_path):
     assert np.abs(cache[0][:, :, :3]).sum() > 0 and np.abs(cache[0][:, :, 3:]).sum() == 0
 
 
-@pytest.mark.parametrize("attention", ["kvconvert", "standard"])
-def test_opset24_tensorscatter_updates_the_cache_in_place(tiny_folder, tmp_path, attention):
-    """opset 24: ONNX Runtime writes present_* into the bound past_* buffer (no copy); same tokens. TensorScatter
-    is in the KVAttention function body, or (standard attention) in the graph itself."""
-    out = export_onnx(str(tiny_folder("qwen3", 2)), OnnxExportConfig(max_context=MAX_CONTEXT, opset=24,
-                                                                    attention=attention),
+@pytest.mark.parametrize("attention,opset,runtime,update", [
+    ("kvconvert", 17, "onnxruntime", "GroupQueryAttention"), ("kvconvert", 24, "onnxruntime", "GroupQueryAttention"),
+    ("kvconvert", 17, "any", "ScatterElements"), ("kvconvert", 24, "any", "TensorScatter"),
+    ("standard", 24, "onnxruntime", "TensorScatter")])
+def test_cache_is_updated_in_place(tiny_folder, tmp_path, attention, opset, runtime, update):
+    """ONNX Runtime writes present_* into the bound past_* buffer (no copy); same tokens. The update is the dense
+    lowering's GroupQueryAttention, the standard-op body's ScatterElements / TensorScatter, or (standard
+    attention) the graph's TensorScatter."""
+    out = export_onnx(str(tiny_folder("qwen3", 2)), OnnxExportConfig(max_context=MAX_CONTEXT, opset=opset,
+                                                                    attention=attention, runtime=runtime),
                       tmp_path / "o24", progress=False).out
     graph = _load(out)
-    assert {o.domain: o.version for o in graph.opset_import}[""] == 24
-    nodes = graph.functions[0].node if attention == "kvconvert" else graph.graph.node
-    assert "TensorScatter" in {n.op_type for n in nodes}
+    assert {o.domain: o.version for o in graph.opset_import}[""] == opset
+    nodes = [n for f in graph.functions for n in f.node] if attention == "kvconvert" else graph.graph.node
+    assert update in {n.op_type for n in nodes}
     gen = OrtGenerator(out)
     assert gen.in_place
     cache = gen.empty_cache(1)
@@ -193,11 +197,14 @@ def test_wrong_graph_fails_validation_and_writes_nothing(tiny_folder, tmp_path, 
 
     real = graph.kv_attention_function
 
-    def broken(*args):
-        fn = real(*args)
+    def broken(*args, **kwargs):
+        fn = real(*args, **kwargs)
         for node in fn.node:
             if list(node.output) == ["scores_scaled"]:
                 node.input[1] = node.input[0]  # scores * scores instead of scores * scale
+            for attr in node.attribute:
+                if node.op_type == "GroupQueryAttention" and attr.name == "scale":
+                    attr.ref_attr_name, attr.f = "", 1.0  # the fused lowering: scale 1 instead of the node's
         return fn
 
     monkeypatch.setattr(graph, "kv_attention_function", broken)

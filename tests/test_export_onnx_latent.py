@@ -108,12 +108,12 @@ def test_bytes_per_token_equal_inspect(latent_folder, tiny_folder, tmp_path, cli
 
 @pytest.mark.parametrize("model_type,joint,opset", [("qwen2", False, 17), ("qwen3", True, 24)])
 def test_ort_greedy_equals_latent_generate(latent_folder, tmp_path, model_type, joint, opset):
-    """Ragged prompts in one batch; opset 24 updates the latent buffers in place (IOBinding)."""
+    """Ragged prompts in one batch; the latent buffers are updated in place (IOBinding) at either opset."""
     src = latent_folder(model_type, joint)
     out = export_onnx(str(src), OnnxExportConfig(max_context=MAX_CONTEXT, validate=False, opset=opset),
                       tmp_path / "g", progress=False).out
     gen = OrtGenerator(out)
-    assert gen.in_place == (opset >= 24)
+    assert gen.in_place
     model = kvconvert.load_latent(src)
     prompts = [[5, 9, 14, 3, 70], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
     got = gen.generate(prompts, 12, eos_token_id=None)
@@ -121,12 +121,11 @@ def test_ort_greedy_equals_latent_generate(latent_folder, tmp_path, model_type, 
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
                              pad_token_id=0)
         assert seq.tolist() == ref[0].tolist()
-    if opset >= 24:
-        cache = gen.empty_cache(1)
-        values = gen.to_ort_values(cache)
-        gen.step_in_place(np.array([[7, 8, 9]]), np.array([[0, 1, 2]]), np.array([0]), values)
-        assert values[0].data_ptr() == cache[0].ctypes.data
-        assert np.abs(cache[0][:, :, :3]).sum() > 0 and np.abs(cache[0][:, :, 3:]).sum() == 0
+    cache = gen.empty_cache(1)
+    values = gen.to_ort_values(cache)
+    gen.step_in_place(np.array([[7, 8, 9]]), np.array([[0, 1, 2]]), np.array([0]), values)
+    assert values[0].data_ptr() == cache[0].ctypes.data
+    assert np.abs(cache[0][:, :, :3]).sum() > 0 and np.abs(cache[0][:, :, 3:]).sum() == 0
 
 
 def _policy_export(src, out, policy, min_prompt, **cfg) -> OrtGenerator:

@@ -135,3 +135,58 @@ def test_block_sparse_body_equals_kernel_selection(s, density, opset):
     got = sess.run(None, dict(zip(INPUTS, [x.numpy() for x in (q, k, v, past_k, past_v, cache_length)])))
     np.testing.assert_allclose(got[0], ref[0].numpy(), atol=1e-5)
     assert bool((ref[0] - dense[0]).abs().max() > 1e-4) == (s >= 6)
+
+
+def lowered_model(attrs: dict, opset: int, fused_ok: bool):
+    """A one-node graph whose node carries the function overload the exporter would pick for `attrs`."""
+    from kvconvert.export.onnx.function_body import layer_lowering
+
+    low = layer_lowering(attrs, fused_ok)
+    model = single_node_model(attrs, opset)
+    del model.functions[:]
+    model.functions.append(kv_attention_function(sorted(attrs), opset, lowering=low))
+    model.graph.node[0].overload = low.overload
+    model.ir_version = 10
+    if low.fused:
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.checker.check_model(model, full_check=True)
+    return model, low
+
+
+@pytest.mark.parametrize("opset", [17, 24])
+@pytest.mark.parametrize("fused_ok", [True, False])
+@pytest.mark.parametrize("heads,kv,s,softcap,window,policy,cache_length", [
+    (4, 2, 3, 0.0, 0, None, [0, 7]), (4, 2, 1, 0.0, 0, None, [3, 12]), (6, 2, 5, 5.0, 4, None, [0, 9]),
+    (2, 1, 2, 0.0, 3, None, [4, 0]), (4, 2, 1, 0.0, 0, SINK_WINDOW, [0, 7]), (4, 2, 4, 0.0, 0, SINK_WINDOW, [5, 2])])
+def test_each_lowering_equals_reference(heads, kv, s, softcap, window, policy, cache_length, opset, fused_ok):
+    """The per-layer function overloads (GroupQueryAttention for dense layers, the standard-op body with only the
+    parts the layer uses) equal the reference on ragged cache_length, chunks included; the cache is updated in
+    place when present_* is bound to past_*."""
+    torch.manual_seed(0)
+    b, t, d = 2, 16, 8
+    attrs = node_attributes(num_heads=heads, num_kv_heads=kv, head_dim=d, scale=d ** -0.5, softcap=softcap,
+                            sliding_window=window, policy=policy)
+    q = torch.randn(b, heads, s, d)
+    k, v = torch.randn(b, kv, s, d), torch.randn(b, kv, s, d)
+    past_k, past_v = torch.randn(b, kv, t, d), torch.randn(b, kv, t, d)
+    cl = torch.tensor(cache_length)
+    ref = kv_attention_reference(q, k, v, past_k, past_v, cl, attrs)
+    model, low = lowered_model(attrs, opset, fused_ok)
+    assert low.fused == (fused_ok and policy is None)
+    ops = {n.op_type for n in model.functions[0].node}
+    if not low.fused:
+        assert ("Tanh" in ops) == (softcap > 0)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    past = [ort.OrtValue.ortvalue_from_numpy(x.numpy().copy()) for x in (past_k, past_v)]
+    binding = sess.io_binding()
+    binding.bind_output("output")
+    for name, x in zip(INPUTS, (q, k, v, None, None, cl)):
+        if x is not None:
+            binding.bind_cpu_input(name, x.numpy())
+    for name, present, value in zip(INPUTS[3:5], OUTPUTS[1:], past):
+        binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_output(present, value)
+    sess.run_with_iobinding(binding)
+    np.testing.assert_allclose(binding.copy_outputs_to_cpu()[0], ref[0].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(past[0].numpy(), ref[1].numpy())
+    np.testing.assert_array_equal(past[1].numpy(), ref[2].numpy())

@@ -26,7 +26,9 @@ with warnings.catch_warnings():  # the field `validate` (INTERFACES.md) shadows 
         ("auto": when the weights exceed `external_threshold_mb`). `attention`: "kvconvert" = one
         `kvconvert::KVAttention` node per layer (every policy; engines bind it to our plugin), "standard" = the
         ONNX `TensorScatter` + `Attention` ops (dense / sink_window only; engines need no plugin). `opset`: None =
-        17 for kvconvert attention, 24 for standard (its minimum: TensorScatter).
+        17 for kvconvert attention, 24 for standard (its minimum: TensorScatter). `runtime`: "onnxruntime" = the
+        KVAttention function body of dense layers is ONNX Runtime's `com.microsoft::GroupQueryAttention` (fast,
+        in-place cache), "any" = standard ops only (any ONNX runtime; engines bind the node to the plugin either way).
         """
 
         dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
@@ -34,6 +36,7 @@ with warnings.catch_warnings():  # the field `validate` (INTERFACES.md) shadows 
         policy: str | None = None
         logits: Literal["all", "last"] = "all"
         attention: Literal["kvconvert", "standard"] = "kvconvert"
+        runtime: Literal["onnxruntime", "any"] = "onnxruntime"
         opset: int | None = None
         validate: bool = True
         validate_prompt_len: int = 12

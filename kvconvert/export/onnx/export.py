@@ -38,7 +38,7 @@ def _special_tokens(source: ModelSource, config: dict[str, Any]) -> dict[str, An
 
 def graph_metadata(view: AttentionView, layout: CacheLayout, cfg: OnnxExportConfig, max_context: int,
                    vocab_size: int, tokens: dict[str, Any], attributes: list[dict[str, Any]],
-                   policy: PolicyBinding) -> dict[str, Any]:
+                   policy: PolicyBinding, lowerings: list[str] | None = None) -> dict[str, Any]:
     """The `kvconvert` metadata_props JSON (INTERFACES.md); `cache` lists the buffers (names, heads, widths)."""
     inputs, outputs = layout.io_names()
     cache = layout.metadata(dtype_bytes(cfg.dtype))
@@ -53,7 +53,8 @@ def graph_metadata(view: AttentionView, layout: CacheLayout, cfg: OnnxExportConf
         "logits": cfg.logits, "inputs": inputs, "outputs": outputs,
         "cache_layout": layout.describe(), "cache": cache, "kv_bytes_per_token": cache["bytes_per_token"], **latent,
         "attention": {"mode": cfg.attention, **(STANDARD_RECORD if cfg.attention == "standard" else
-                                                {"domain": DOMAIN, "op_type": layout.op_type}),
+                                                {"domain": DOMAIN, "op_type": layout.op_type,
+                                                 "runtime": cfg.runtime, "lowerings": lowerings or []}),
                       "attributes": attributes[0], "per_layer": attributes},
     }
 
@@ -89,7 +90,8 @@ def export_onnx(model: Any, cfg: OnnxExportConfig | None = None, out: str | Path
         bar.set_description("trace")
         step = DecoderStep(torch_model, view, layout, logits=cfg.logits, policy_attributes=policy.layer_attributes)
         graph = trace_to_onnx(step, max_context, dtype, opset, tmp / "model.onnx", page_topk=policy.page_topk,
-                              block_sparse=policy.block_sparse)
+                              block_sparse=policy.block_sparse, fused=cfg.runtime == "onnxruntime")
+        lowerings = [n.overload for n in graph.graph.node if n.domain == DOMAIN and n.overload]
         if cfg.attention == "standard" and layout.latent:
             from .latent_standard import lower_latent_to_standard
 
@@ -98,7 +100,8 @@ def export_onnx(model: Any, cfg: OnnxExportConfig | None = None, out: str | Path
             lower_to_standard(graph, max_context)
         vocab = int(torch_model.get_output_embeddings().weight.shape[0])
         attach_metadata(graph, graph_metadata(view, layout, cfg, max_context, vocab,
-                                              _special_tokens(source, config), step.attributes, policy))
+                                              _special_tokens(source, config), step.attributes, policy,
+                                              lowerings))
         bar.update()
         bar.set_description("check")
         weights = sum(p.numel() * p.element_size() for p in torch_model.parameters())

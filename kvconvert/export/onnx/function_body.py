@@ -8,6 +8,8 @@ tests/test_export_onnx_op.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx
 from onnx import TensorProto, helper
 
@@ -299,9 +301,8 @@ def _page_topk(out: str, opset: int, q: str, k: str) -> list[onnx.NodeProto]:
     ]
 
 
-def _combine_masks(page_topk: bool, block_sparse: bool) -> list[onnx.NodeProto]:
+def _combine_masks(parts: list[str]) -> list[onnx.NodeProto]:
     n = helper.make_node
-    parts = ["allowed5_causal"] + (["page_ok5"] if page_topk else []) + (["block_ok5"] if block_sparse else [])
     nodes, current = [], parts[0]
     for i, part in enumerate(parts[1:]):
         nodes.append(n("And", [current, part], [f"allowed5_{i}"]))
@@ -310,36 +311,98 @@ def _combine_masks(page_topk: bool, block_sparse: bool) -> list[onnx.NodeProto]:
     return nodes
 
 
+SELECTIONS = {"page_topk": ("page_ok5", _page_topk), "block_sparse_prefill": ("block_ok5", _block_sparse)}
+"""Per policy name: (mask name, lowering(out, opset, q, k) -> nodes) of the slots its selection keeps."""
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """What one KVAttention function body computes. A graph carries one function overload per distinct lowering
+    of its layers (`overload`), so a layer pays only for what it uses; `Lowering()` is the general body (every
+    attribute read at run time) that the op-level tests and a plain node without overload get.
+
+    `fused`: ONNX Runtime's `com.microsoft::GroupQueryAttention` (dense layers: causal, the model's sliding
+    window `local_window`, soft-capping by attribute; cache update in the op, in place when present is bound to
+    past). Otherwise standard ops over the filled slots with the soft-capping (`softcap`), model-window
+    (`window`) and sink_window (`sink`) nodes emitted only when set, and the `selections` of those policies.
+    """
+
+    fused: bool = False
+    local_window: int = 0
+    softcap: bool = True
+    window: bool = True
+    sink: bool = True
+    selections: tuple[str, ...] = ()
+
+    @property
+    def overload(self) -> str:
+        if self.fused:
+            return f"gqa_w{self.local_window}"
+        flags = [name for name, on in (("softcap", self.softcap), ("window", self.window), ("sink", self.sink)) if on]
+        return "_".join(["masked", *flags, *self.selections])
+
+
+def layer_lowering(attrs: dict, fused_ok: bool) -> Lowering:
+    """The cheapest lowering with the semantics of a node carrying `attrs` (`fused_ok`: the graph targets ONNX
+    Runtime and values have the keys' head size)."""
+    sink = attrs["policy_decode_window"] > 0 or attrs["policy_prefill_window"] > 0
+    selections = tuple(name for name, on in (("page_topk", attrs["policy_decode_page"] > 0),
+                                             ("block_sparse_prefill", attrs["policy_prefill_tile"] > 0)) if on)
+    if fused_ok and not sink and not selections:
+        return Lowering(fused=True, local_window=int(attrs["sliding_window"]))
+    return Lowering(softcap=attrs["softcap"] > 0, window=attrs["sliding_window"] > 0, sink=sink, selections=selections)
+
+
 def prelude(past: str) -> list[onnx.NodeProto]:
     """Constants, attribute values and sizes every kvconvert attention body starts with: `S`/`S1` (new
-    tokens, from `query`), `T`/`T1` (capacity, axis 2 of `past`), `pos` [B, S] = cache_length + s."""
+    tokens, from `query`), `Tcap`/`Tcap1` (capacity, axis 2 of `past`), `pos` [B, S] = cache_length + s."""
     n = helper.make_node
-    F, I = onnx.AttributeProto.FLOAT, onnx.AttributeProto.INT
+    F = onnx.AttributeProto.FLOAT
     return [
-        int_const("axes0", [0]), int_const("axes1", [1]), int_const("axes_1_3", [1, 3]), int_const("axes_1_2", [1, 2]),
-        int_const("zero1", [0]), int_const("minus1", [-1]),
+        int_const("axes0", [0]), int_const("axes1", [1]), int_const("axes2", [2]), int_const("axes_1_3", [1, 3]),
+        int_const("axes_1_2", [1, 2]), int_const("zero1", [0]), int_const("minus1", [-1]),
         _scalar("i0", 0, TensorProto.INT64), _scalar("i1", 1, TensorProto.INT64),
         _scalar("neg_inf", float("-inf"), TensorProto.FLOAT),
-        attr_const("scale_f", "scale", F), attr_const("softcap_f", "softcap", F),
-        attr_const("window", "sliding_window", I),
-        attr_const("decode_sink", "policy_decode_sink", I),
-        attr_const("decode_window", "policy_decode_window", I),
-        attr_const("prefill_sink", "policy_prefill_sink", I),
-        attr_const("prefill_window", "policy_prefill_window", I),
-        n("Shape", ["query"], ["S1"], start=2, end=3), n("Shape", [past], ["T1"], start=2, end=3),
-        n("Squeeze", ["S1", "axes0"], ["S"]), n("Squeeze", ["T1", "axes0"], ["T"]),
+        attr_const("scale_f", "scale", F),
+        n("Shape", ["query"], ["S1"], start=2, end=3), n("Shape", [past], ["Tcap1"], start=2, end=3),
+        n("Squeeze", ["S1", "axes0"], ["S"]), n("Squeeze", ["Tcap1", "axes0"], ["Tcap"]),
         n("Range", ["i0", "S", "i1"], ["arange_s"]),
         n("Unsqueeze", ["cache_length", "axes1"], ["cl_b1"]), n("Unsqueeze", ["arange_s", "axes0"], ["ar_1s"]),
         n("Add", ["cl_b1", "ar_1s"], ["pos"]),
     ]
 
 
-def attention(q: str, k: str, v: str, opset: int, page_topk: bool = False,
-              block_sparse: bool = False) -> list[onnx.NodeProto]:
-    """`output` [B, S, H, Dv] from q [B, H, S, D] and the whole cache k [B, KV, T, D], v [B, KV, T, Dv]
-    (after `prelude`): scale, soft-capping, the causal / sliding-window / policy mask, fp32 softmax."""
+def filled_length(selections: tuple[str, ...] = ()) -> list[onnx.NodeProto]:
+    """`T`/`T1`: the slots attention reads, max(cache_length) + S of the batch (rounded up to the policies'
+    page / tile so their selections see whole pages, at most the capacity `Tcap`)."""
     n = helper.make_node
-    return [
+    I = onnx.AttributeProto.INT
+    nodes = [n("ReduceMax", ["cache_length"], ["cl_max1"], keepdims=1), n("Add", ["cl_max1", "S1"], ["need1"])]
+    if selections:
+        nodes += [attr_const("unit_page", "policy_decode_page", I), attr_const("unit_tile", "policy_prefill_tile", I),
+                  n("Max", ["unit_page", "unit_tile", "i1"], ["unit"]), n("Add", ["need1", "unit"], ["need_up"]),
+                  n("Sub", ["need_up", "i1"], ["need_up1"]), n("Div", ["need_up1", "unit"], ["need_units"]),
+                  n("Mul", ["need_units", "unit"], ["need_r"])]
+    else:
+        nodes.append(n("Identity", ["need1"], ["need_r"]))
+    return nodes + [n("Min", ["need_r", "Tcap1"], ["T1"]), n("Squeeze", ["T1", "axes0"], ["T"])]
+
+
+def filled(buffer: str, out: str) -> onnx.NodeProto:
+    """`out` = buffer[:, :, :T] (after `filled_length`)."""
+    return helper.make_node("Slice", [buffer, "zero1", "T1", "axes2"], [out])
+
+
+def attention(q: str, k: str, v: str, opset: int, page_topk: bool = False, block_sparse: bool = False,
+              lowering: Lowering | None = None) -> list[onnx.NodeProto]:
+    """`output` [B, S, H, Dv] from q [B, H, S, D] and the filled slots k [B, KV, T, D], v [B, KV, T, Dv]
+    (after `prelude` and `filled_length`): scale, soft-capping, the causal / sliding-window / policy mask, fp32
+    softmax. `lowering` says which optional parts are emitted (None: all, plus the selections asked for)."""
+    n = helper.make_node
+    F, I = onnx.AttributeProto.FLOAT, onnx.AttributeProto.INT
+    low = lowering or Lowering(selections=tuple(name for name, on in (("page_topk", page_topk),
+                                                                       ("block_sparse_prefill", block_sparse)) if on))
+    nodes = [
         # GQA without repeating the cache: q [B, H, S, D] -> [B, KV, G*S, D]
         n("Shape", [k], ["KV1"], start=1, end=2),
         n("Concat", ["zero1", "KV1", "minus1", "zero1"], ["q_grouped_shape"], axis=0),
@@ -348,36 +411,53 @@ def attention(q: str, k: str, v: str, opset: int, page_topk: bool = False,
         n("MatMul", ["q_grouped", "key_t"], ["scores_raw"]),
         n("CastLike", ["scale_f", q], ["scale_q"]),
         n("Mul", ["scores_raw", "scale_q"], ["scores_scaled"]),
-        # optional tanh soft-capping (softcap > 0)
-        n("CastLike", ["softcap_f", q], ["softcap_q"]),
-        n("Div", ["scores_scaled", "softcap_q"], ["sc_div"]), n("Tanh", ["sc_div"], ["sc_tanh"]),
-        n("Mul", ["sc_tanh", "softcap_q"], ["sc_capped"]),
-        _scalar("f0", 0.0, TensorProto.FLOAT), n("Greater", ["softcap_f", "f0"], ["use_softcap"]),
-        n("Where", ["use_softcap", "sc_capped", "scores_scaled"], ["scores"]),
+    ]
+    if low.softcap:  # tanh soft-capping when softcap > 0
+        nodes += [attr_const("softcap_f", "softcap", F), n("CastLike", ["softcap_f", q], ["softcap_q"]),
+                  n("Div", ["scores_scaled", "softcap_q"], ["sc_div"]), n("Tanh", ["sc_div"], ["sc_tanh"]),
+                  n("Mul", ["sc_tanh", "softcap_q"], ["sc_capped"]),
+                  _scalar("f0", 0.0, TensorProto.FLOAT), n("Greater", ["softcap_f", "f0"], ["use_softcap"]),
+                  n("Where", ["use_softcap", "sc_capped", "scores_scaled"], ["scores"])]
+    else:
+        nodes.append(n("Identity", ["scores_scaled"], ["scores"]))
+    nodes += [
         # [B, KV, G, S, T]
         n("Concat", ["zero1", "zero1", "minus1", "S1", "T1"], ["scores5_shape"], axis=0),
         n("Reshape", ["scores", "scores5_shape"], ["scores5"]),
-        # mask: slot j allowed for query s iff j <= pos and (window <= 0 or j > pos - window) and policy
+        # mask: slot j allowed for query s iff j <= pos, (window <= 0 or j > pos - window), the policy's rule
         n("Range", ["i0", "T", "i1"], ["arange_t"]),
         n("Unsqueeze", ["pos", "minus1"], ["pos_bs1"]),
         n("LessOrEqual", ["arange_t", "pos_bs1"], ["causal"]),
-        n("Sub", ["pos_bs1", "window"], ["win_start"]), n("Greater", ["arange_t", "win_start"], ["in_window"]),
-        n("LessOrEqual", ["window", "i0"], ["no_window"]),
-        n("Or", ["in_window", "no_window"], ["window_ok"]),
-        # sink_window policy of this phase (decode: S == 1): j < sink or j > pos - window (window 0 = off)
         n("Equal", ["S", "i1"], ["is_decode"]),
-        n("Where", ["is_decode", "decode_sink", "prefill_sink"], ["p_sink"]),
-        n("Where", ["is_decode", "decode_window", "prefill_window"], ["p_window"]),
-        n("Less", ["arange_t", "p_sink"], ["in_sink"]),
-        n("Sub", ["pos_bs1", "p_window"], ["p_start"]), n("Greater", ["arange_t", "p_start"], ["in_recent"]),
-        n("LessOrEqual", ["p_window", "i0"], ["no_policy"]),
-        n("Or", ["in_sink", "in_recent"], ["policy_keep"]), n("Or", ["policy_keep", "no_policy"], ["policy_ok"]),
-        n("And", ["causal", "window_ok"], ["model_ok"]),
-        n("And", ["model_ok", "policy_ok"], ["allowed"]),
-        n("Unsqueeze", ["allowed", "axes_1_2"], ["allowed5_causal"]),
-        *(_page_topk("page_ok5", opset, q, k) if page_topk else []),
-        *(_block_sparse("block_ok5", opset, q, k) if block_sparse else []),
-        *_combine_masks(page_topk, block_sparse),
+    ]
+    current = "causal"
+    if low.window:
+        nodes += [attr_const("window", "sliding_window", I),
+                  n("Sub", ["pos_bs1", "window"], ["win_start"]), n("Greater", ["arange_t", "win_start"], ["in_window"]),
+                  n("LessOrEqual", ["window", "i0"], ["no_window"]),
+                  n("Or", ["in_window", "no_window"], ["window_ok"]), n("And", [current, "window_ok"], ["model_ok"])]
+        current = "model_ok"
+    if low.sink:  # sink_window policy of this phase (decode: S == 1): j < sink or j > pos - window (window 0 = off)
+        nodes += [attr_const("decode_sink", "policy_decode_sink", I),
+                  attr_const("decode_window", "policy_decode_window", I),
+                  attr_const("prefill_sink", "policy_prefill_sink", I),
+                  attr_const("prefill_window", "policy_prefill_window", I),
+                  n("Where", ["is_decode", "decode_sink", "prefill_sink"], ["p_sink"]),
+                  n("Where", ["is_decode", "decode_window", "prefill_window"], ["p_window"]),
+                  n("Less", ["arange_t", "p_sink"], ["in_sink"]),
+                  n("Sub", ["pos_bs1", "p_window"], ["p_start"]), n("Greater", ["arange_t", "p_start"], ["in_recent"]),
+                  n("LessOrEqual", ["p_window", "i0"], ["no_policy"]),
+                  n("Or", ["in_sink", "in_recent"], ["policy_keep"]), n("Or", ["policy_keep", "no_policy"], ["policy_ok"]),
+                  n("And", [current, "policy_ok"], ["allowed"])]
+        current = "allowed"
+    nodes.append(n("Unsqueeze", [current, "axes_1_2"], ["allowed5_causal"]))
+    parts = ["allowed5_causal"]
+    for name in low.selections:
+        mask, lower = SELECTIONS[name]
+        nodes += lower(mask, opset, q, k)
+        parts.append(mask)
+    return nodes + [
+        *_combine_masks(parts),
         n("Cast", ["scores5"], ["scores5_f"], to=TensorProto.FLOAT),
         n("Where", ["allowed5", "scores5_f", "neg_inf"], ["masked"]),
         n("Softmax", ["masked"], ["probs_f"], axis=-1),
@@ -392,12 +472,58 @@ def attention(q: str, k: str, v: str, opset: int, page_topk: bool = False,
     ]
 
 
+ORT_DOMAIN = "com.microsoft"
+
+
+def fused_attention(local_window: int) -> list[onnx.NodeProto]:
+    """The whole KVAttention of a dense layer as one `com.microsoft::GroupQueryAttention`:
+    packed [B, S, H*D] query / new key / new value, `seqlens_k = cache_length + S - 1`, `total_sequence_length =
+    max(cache_length) + S`, `query_seqlens = S` per row (batched chunks over a ragged cache), the past buffers as
+    the op's past/present (shared when bound to one buffer: the update is then in place)."""
+    n = helper.make_node
+    ref = lambda name, attr, kind: _ref_attr(name, attr, kind)
+    F, I = onnx.AttributeProto.FLOAT, onnx.AttributeProto.INT
+    gqa = n("GroupQueryAttention", ["q_packed", "k_packed", "v_packed", "past_key", "past_value", "seqlens_k",
+                                    "total_len", *[""] * 9, "query_lens"],
+            ["out_packed", "present_key", "present_value"], domain=ORT_DOMAIN, local_window_size=local_window or -1)
+    gqa.attribute.extend([ref("num_heads", "num_heads", I), ref("kv_num_heads", "num_kv_heads", I),
+                          ref("scale", "scale", F), ref("softcap", "softcap", F)])
+    nodes = [int_const("packed3", [0, 0, -1]), int_const("zero1", [0]), int_const("minus1", [-1]),
+             n("Shape", ["query"], ["S1"], start=2, end=3)]
+    for x in ("q", "k", "v"):
+        src = {"q": "query", "k": "key", "v": "value"}[x]
+        nodes += [n("Transpose", [src], [f"{x}_bshd"], perm=[0, 2, 1, 3]), n("Reshape", [f"{x}_bshd", "packed3"],
+                                                                            [f"{x}_packed"])]
+    return nodes + [
+        n("Cast", ["S1"], ["S1_i32"], to=TensorProto.INT32), n("Cast", ["cache_length"], ["cl_i32"], to=TensorProto.INT32),
+        n("Add", ["cl_i32", "S1_i32"], ["total_b"]), _scalar("one_i32", 1, TensorProto.INT32),
+        n("Sub", ["total_b", "one_i32"], ["seqlens_k"]), n("ReduceMax", ["total_b"], ["total_len"], keepdims=0),
+        n("Shape", ["cache_length"], ["B1"]), n("Expand", ["S1_i32", "B1"], ["query_lens"]),
+        gqa,
+        n("Shape", ["value"], ["Dv1"], start=3, end=4),
+        n("Concat", ["zero1", "zero1", "minus1", "Dv1"], ["out_shape"], axis=0),
+        n("Reshape", ["out_packed", "out_shape"], ["output"]),
+    ]
+
+
 def kv_attention_function(attribute_names: list[str], opset: int, page_topk: bool = False,
-                          block_sparse: bool = False) -> onnx.FunctionProto:
-    """FunctionProto of KVAttention; `attribute_names` are all attributes the nodes carry; `page_topk` /
-    `block_sparse` add the selection (only models exported with such a policy pay for it)."""
-    nodes = [*prelude("past_key"),
-             *cache_update(opset, [("past_key", "key", "present_key"), ("past_value", "value", "present_value")]),
-             *attention("query", "present_key", "present_value", opset, page_topk, block_sparse)]
-    return helper.make_function(DOMAIN, OP_TYPE, INPUTS, OUTPUTS, nodes,
-                                opset_imports=[helper.make_opsetid("", opset)], attributes=attribute_names)
+                          block_sparse: bool = False, lowering: Lowering | None = None) -> onnx.FunctionProto:
+    """FunctionProto of KVAttention; `attribute_names` are all attributes the nodes carry. Without `lowering`
+    the general body (`page_topk` / `block_sparse` add the selections); with one, that lowering as the
+    function overload `lowering.overload`."""
+    low = lowering or Lowering(selections=tuple(name for name, on in (("page_topk", page_topk),
+                                                                       ("block_sparse_prefill", block_sparse)) if on))
+    imports = [helper.make_opsetid("", opset)]
+    if low.fused:
+        nodes = fused_attention(low.local_window)
+        imports.append(helper.make_opsetid(ORT_DOMAIN, 1))
+    else:
+        nodes = [*prelude("past_key"), *filled_length(low.selections),
+                 *cache_update(opset, [("past_key", "key", "present_key"), ("past_value", "value", "present_value")]),
+                 filled("present_key", "key_filled"), filled("present_value", "value_filled"),
+                 *attention("query", "key_filled", "value_filled", opset, lowering=low)]
+    fn = helper.make_function(DOMAIN, OP_TYPE, INPUTS, OUTPUTS, nodes, opset_imports=imports,
+                              attributes=attribute_names)
+    if lowering is not None:
+        fn.overload = low.overload
+    return fn

@@ -14,12 +14,13 @@ import onnx
 import torch
 
 from .attention_op import DOMAIN
-from .function_body import kv_attention_function
+from .function_body import Lowering, kv_attention_function, layer_lowering
 from .wrapper import DecoderStep
 
 MODEL_FILE = "model.onnx"
 TRACE_OPSET_MAX = 20  # the TorchScript exporter's newest opset; later targets go through onnx.version_converter
 DATA_FILE = "model.onnx.data"
+OVERLOAD_IR_VERSION = 10  # FunctionProto / NodeProto `overload`
 
 
 def example_inputs(step: DecoderStep, max_context: int, dtype: torch.dtype, batch: int = 2, seq: int = 3):
@@ -31,10 +32,8 @@ def example_inputs(step: DecoderStep, max_context: int, dtype: torch.dtype, batc
     return (ids, pos, cache_length, *past)
 
 
-def _attention_function(step: DecoderStep, names: list[str], opset: int, page_topk: bool,
-                        block_sparse: bool) -> onnx.FunctionProto:
-    if not step.layout.latent:
-        return kv_attention_function(names, opset, page_topk, block_sparse)
+def _latent_function(step: DecoderStep, names: list[str], opset: int, page_topk: bool,
+                     block_sparse: bool) -> onnx.FunctionProto:
     from .latent_function_body import kv_latent_attention_function
 
     k_norm = any(a["k_norm_eps"] > 0 for a in step.latent_attributes)
@@ -42,9 +41,26 @@ def _attention_function(step: DecoderStep, names: list[str], opset: int, page_to
                                         block_sparse)
 
 
+def attach_kv_functions(model: onnx.ModelProto, nodes: list[onnx.NodeProto], names: list[str], opset: int,
+                        fused_ok: bool) -> list[str]:
+    """One KVAttention function overload per distinct `layer_lowering` of `nodes` (each node names its own);
+    returns the overload of each node."""
+    lowerings: dict[str, Lowering] = {}
+    for node in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        low = layer_lowering(attrs, fused_ok)
+        lowerings.setdefault(low.overload, low)
+        node.overload = low.overload
+    for low in lowerings.values():
+        model.functions.append(kv_attention_function(names, opset, lowering=low))
+    model.ir_version = max(model.ir_version, OVERLOAD_IR_VERSION)
+    return [node.overload for node in nodes]
+
+
 def trace_to_onnx(step: DecoderStep, max_context: int, dtype: torch.dtype, opset: int, path: Path,
-                  page_topk: bool = False, block_sparse: bool = False) -> onnx.ModelProto:
-    """torch.onnx (TorchScript exporter) -> ModelProto with the attention function attached."""
+                  page_topk: bool = False, block_sparse: bool = False, fused: bool = True) -> onnx.ModelProto:
+    """torch.onnx (TorchScript exporter) -> ModelProto with the attention function(s) attached (`fused`: dense
+    KVAttention layers lower to ONNX Runtime's GroupQueryAttention, see `function_body.layer_lowering`)."""
     inputs, outputs = step.layout.io_names()
     dynamic = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"},
                "cache_length": {0: "batch"}, "logits": {0: "batch", 1: "seq" if step.logits_to_keep == 0 else "one"}}
@@ -73,9 +89,14 @@ def trace_to_onnx(step: DecoderStep, max_context: int, dtype: torch.dtype, opset
                            f"{len(attention_nodes)}")
     for i, node in enumerate(attention_nodes):
         node.name = f"kv_attention_{i}"
-    share_transposed_weights(model)
+    share_transposed_weights(model)  # rebuilds graph.node: look the attention nodes up again
+    attention_nodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == op_type]
     names = sorted({a.name for n in attention_nodes for a in n.attribute})
-    model.functions.append(_attention_function(step, names, opset, page_topk, block_sparse))
+    if step.layout.latent:
+        model.functions.append(_latent_function(step, names, opset, page_topk, block_sparse))
+    else:
+        widths = {b.kind: b.width for b in step.layout.buffers}
+        attach_kv_functions(model, attention_nodes, names, opset, fused and widths["key"] == widths["value"])
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     return model

@@ -11,7 +11,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from .attention_op import DOMAIN
-from .function_body import attr_const, int_const, reduce_op, attention, cache_update, prelude
+from .function_body import (Lowering, attention, attr_const, cache_update, filled, filled_length, int_const, prelude,
+                            reduce_op)
 from .latent_op import LATENT_OP_TYPE, latent_io
 
 INT64_MAX = 2**63 - 1
@@ -71,21 +72,28 @@ def kv_latent_attention_function(attribute_names: list[str], opset: int, joint: 
         writes = [("past_key_latent", "key_latent", "present_key_latent"),
                   ("past_value_latent", "value_latent", "present_value_latent")]
         c_k, c_v = "present_key_latent", "present_value_latent"
+    selections = tuple(name for name, on in (("page_topk", page_topk), ("block_sparse_prefill", block_sparse)) if on)
+    filled_k, filled_v = "ck_filled", ("ck_filled" if joint else "cv_filled")
     nodes = [
         *prelude(writes[0][0]),
+        *filled_length(selections),
         *cache_update(opset, writes),
+        # only the filled slots are rebuilt: T = max(cache_length) + S (see function_body.filled_length)
+        filled(c_k, "ck_filled"), *([] if joint else [filled(c_v, "cv_filled")]),
+        n("Slice", ["rope_cos", "zero1", "T1", "axes0"], ["rope_cos_filled"]),
+        n("Slice", ["rope_sin", "zero1", "T1", "axes0"], ["rope_sin_filled"]),
         int_const("rope_two1", [2]), int_const("rope_end1", [INT64_MAX]),
         attr_const("lat_kv", "num_kv_heads", onnx.AttributeProto.INT),
         n("Unsqueeze", ["lat_kv", "axes0"], ["lat_kv1"]),
-        *_expand(c_k, "k_up", "k_bias", "lk_keys", "lk_"),
+        *_expand(filled_k, "k_up", "k_bias", "lk_keys", "lk_"),
         *(_rms_norm("lk_keys", "k_norm_weight", "lk_normed", opset) if k_norm
           else [n("Identity", ["lk_keys"], ["lk_normed"])]),
-        *_rope("lk_normed", "rope_cos", "rope_sin", "latent_keys", "rk_"),
-        *_expand(c_v, "v_up", "v_bias", "latent_values", "lv_"),
+        *_rope("lk_normed", "rope_cos_filled", "rope_sin_filled", "latent_keys", "rk_"),
+        *_expand(filled_v, "v_up", "v_bias", "latent_values", "lv_"),
         n("Gather", ["rope_cos", "pos"], ["rq_cos3"], axis=0), n("Unsqueeze", ["rq_cos3", "axes1"], ["rq_cos"]),
         n("Gather", ["rope_sin", "pos"], ["rq_sin3"], axis=0), n("Unsqueeze", ["rq_sin3", "axes1"], ["rq_sin"]),
         *_rope("query", "rq_cos", "rq_sin", "query_rotated", "rq_"),
-        *attention("query_rotated", "latent_keys", "latent_values", opset, page_topk, block_sparse),
+        *attention("query_rotated", "latent_keys", "latent_values", opset, lowering=Lowering(selections=selections)),
     ]
     return helper.make_function(DOMAIN, LATENT_OP_TYPE, inputs, outputs, nodes,
                                 opset_imports=[helper.make_opsetid("", opset)], attributes=attribute_names)

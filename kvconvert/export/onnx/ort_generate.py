@@ -15,11 +15,12 @@ import numpy as np
 from .graph import MODEL_FILE
 
 
-def _session(path: Path, providers: Sequence[str] | None):
+def _session(path: Path, providers: Sequence[Any] | None, session_options=None):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = session_options or ort.SessionOptions()
+    if session_options is None:
+        opts.log_severity_level = 3
     if providers is None:
         gpu = "CUDAExecutionProvider" in ort.get_available_providers()
         providers = (["CUDAExecutionProvider"] if gpu else []) + ["CPUExecutionProvider"]
@@ -35,11 +36,17 @@ def _numpy_dtype(onnx_type: str):
 
 
 class OrtGenerator:
-    """`OrtGenerator(folder).generate(input_ids, max_new_tokens)`; `folder` holds model.onnx from export_onnx."""
+    """`OrtGenerator(folder).generate(input_ids, max_new_tokens)`; `folder` holds model.onnx from export_onnx.
 
-    def __init__(self, folder: str | Path, providers: Sequence[str] | None = None, in_place: bool | None = None):
+    `session_options`: an `onnxruntime.SessionOptions` (threads, graph optimisation, ...; None: defaults, warnings
+    off); `providers`: ONNX Runtime providers, names or (name, options) pairs (None: CUDA when available, then
+    CPU). `in_place` (None: on the CPU provider): every step binds each present_* output to its past_* buffer
+    (IOBinding), so no step copies the cache (see docs/architecture.md for what each opset costs)."""
+
+    def __init__(self, folder: str | Path, providers: Sequence[Any] | None = None, in_place: bool | None = None,
+                 session_options=None):
         self.folder = Path(folder)
-        self.session = _session(self.folder / MODEL_FILE, providers)
+        self.session = _session(self.folder / MODEL_FILE, providers, session_options)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.meta: dict[str, Any] = json.loads(meta["kvconvert"])
         self.num_layers = int(self.meta["num_layers"])
@@ -51,7 +58,7 @@ class OrtGenerator:
         self._cache_shapes = [tuple(past[name].shape[1:]) for name in self.past_names]
         self._cache_dtype = _numpy_dtype(past[self.past_names[0]].type)
         on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
-        self.in_place = (int(self.meta.get("opset", 0)) >= 24 and on_cpu) if in_place is None else in_place
+        self.in_place = on_cpu if in_place is None else in_place
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         """Zeroed cache buffers in graph order (`past_names`): past_key_0, past_value_0, ... each
@@ -60,7 +67,12 @@ class OrtGenerator:
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, cache_length: np.ndarray,
              cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One graph call: logits [B, S|1, V] and the updated cache buffers."""
+        """One graph call: logits [B, S|1, V] and the updated cache buffers (new arrays; `cache` is unchanged).
+        With `in_place` the new buffers are copies of `cache` that the graph updates in place (so slots no row
+        reaches keep their contents with every lowering)."""
+        if self.in_place:
+            cache = [np.array(c, order="C", copy=True) for c in cache]
+            return self.step_in_place(input_ids, position_ids, cache_length, self.to_ort_values(cache)), cache
         feed = {"input_ids": np.asarray(input_ids, np.int64), "position_ids": np.asarray(position_ids, np.int64),
                 "cache_length": np.asarray(cache_length, np.int64)}
         feed.update(zip(self.past_names, cache))
@@ -70,7 +82,7 @@ class OrtGenerator:
     def step_in_place(self, input_ids: np.ndarray, position_ids: np.ndarray, cache_length: np.ndarray,
                       cache: list) -> np.ndarray:
         """One graph call with each present_* output bound to its past_* buffer (`cache`: OrtValues from
-        `to_ort_values`), so the cache is updated in place (opset >= 24: TensorScatter). Returns logits."""
+        `to_ort_values`), so the cache is updated in place. Returns logits."""
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
@@ -80,7 +92,7 @@ class OrtGenerator:
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.get_outputs()[0].numpy()  # only the logits: copy_outputs_to_cpu would copy every cache buffer
 
     @staticmethod
     def to_ort_values(cache: list[np.ndarray]) -> list:

@@ -5,9 +5,10 @@ domain and a TensorRT engine needs no plugin. Per layer, with the node's inputs 
 key/value [B,KV,S,D], past_key/past_value [B,KV,T,D] and cache_length [B]:
   present_key   = TensorScatter(past_key, key, cache_length, axis=2)      linear mode: slots cache_length[b] + s
   present_value = TensorScatter(past_value, value, cache_length, axis=2)
-  y [B,H,S,Dv]  = Attention(query, present_key, present_value, mask)     whole buffer; GQA from H vs KV heads
+  y [B,H,S,Dv]  = Attention(query, present_key[:, :, :L], present_value[:, :, :L], mask)
+                                          the filled slots L = max(cache_length) + S; GQA from H vs KV heads
   output        = Transpose(y) [B,S,H,Dv]                                 attributes scale, softcap (when > 0)
-mask bool [B,1,S,T]: slot j is visible to query s (position t = cache_length[b] + s) iff j <= t, and
+mask bool [B,1,S,L]: slot j is visible to query s (position t = cache_length[b] + s) iff j <= t, and
 j > t - sliding_window when the layer has the model's window, and (j < sink or j > t - window) under a
 sink_window policy of the phase (decode: S == 1). One mask per distinct rule, built once and shared by layers.
 These are the semantics of `attention_op.kv_attention_reference` for dense and sink_window layers.
@@ -48,14 +49,19 @@ def _const(name: str, values: list[int], scalar: bool = False) -> onnx.NodeProto
                             value=helper.make_tensor(name, TensorProto.INT64, dims, values))
 
 
-def _base_nodes(max_context: int) -> list[onnx.NodeProto]:
-    """std_causal bool [B,1,S,T] (j <= t), std_pos4 int64 [B,1,S,1] (t), std_arange_t [T], std_is_decode."""
+def _base_nodes() -> list[onnx.NodeProto]:
+    """std_L1 [1] (filled slots: max(cache_length) + S), std_causal bool [B,1,S,L] (j <= t), std_pos4 int64
+    [B,1,S,1] (t), std_arange_t [L], std_is_decode."""
     n = helper.make_node
     return [
-        _const("std_arange_t", list(range(max_context))), _const("std_i0", [0], True), _const("std_i1", [1], True),
+        _const("std_i0", [0], True), _const("std_i1", [1], True), _const("std_zero1", [0]), _const("std_axes2", [2]),
         _const("std_axes0", [0]), _const("std_axes1", [1]), _const("std_axes_1_3", [1, 3]),
         n("Shape", ["input_ids"], ["std_S1"], name="std_S1", start=1, end=2),
         n("Squeeze", ["std_S1", "std_axes0"], ["std_S"], name="std_S"),
+        n("ReduceMax", ["cache_length"], ["std_cl_max1"], name="std_cl_max1", keepdims=1),
+        n("Add", ["std_cl_max1", "std_S1"], ["std_L1"], name="std_L1"),
+        n("Squeeze", ["std_L1", "std_axes0"], ["std_L"], name="std_L"),
+        n("Range", ["std_i0", "std_L", "std_i1"], ["std_arange_t"], name="std_arange_t"),
         n("Range", ["std_i0", "std_S", "std_i1"], ["std_arange_s"], name="std_arange_s"),
         n("Unsqueeze", ["cache_length", "std_axes1"], ["std_cl"], name="std_cl"),
         n("Add", ["std_cl", "std_arange_s"], ["std_pos"], name="std_pos"),
@@ -102,13 +108,17 @@ def _attention_nodes(node: onnx.NodeProto, attrs: dict[str, Any], mask: str) -> 
         n("TensorScatter", [past_key, key, cache_length], [present_key], name=f"{node.name}_key_update", axis=2),
         n("TensorScatter", [past_value, value, cache_length], [present_value], name=f"{node.name}_value_update",
           axis=2),
-        n("Attention", [query, present_key, present_value, mask], [f"{node.name}_y"], name=f"{node.name}_attention",
-          scale=float(attrs["scale"]), **extra),
+        n("Slice", [present_key, "std_zero1", "std_L1", "std_axes2"], [f"{node.name}_key_filled"],
+          name=f"{node.name}_key_filled"),
+        n("Slice", [present_value, "std_zero1", "std_L1", "std_axes2"], [f"{node.name}_value_filled"],
+          name=f"{node.name}_value_filled"),
+        n("Attention", [query, f"{node.name}_key_filled", f"{node.name}_value_filled", mask], [f"{node.name}_y"],
+          name=f"{node.name}_attention", scale=float(attrs["scale"]), **extra),
         n("Transpose", [f"{node.name}_y"], [output], name=f"{node.name}_output", perm=[0, 2, 1, 3]),
     ]
 
 
-def lower_to_standard(model: onnx.ModelProto, max_context: int) -> int:
+def lower_to_standard(model: onnx.ModelProto, max_context: int | None = None) -> int:
     """Rewrite every KVAttention node of `model` (opset >= 24) in place; drops the KVAttention function and the
     `kvconvert` domain. The graph must have the `input_ids` [B, S] and `cache_length` [B] inputs (S and the
     slots of the masks come from them). Returns the number of distinct masks built."""
@@ -123,7 +133,7 @@ def lower_to_standard(model: onnx.ModelProto, max_context: int) -> int:
         key = tuple(int(attrs.get(k, 0)) for k in MASK_KEYS)
         mask = masks.setdefault(key, f"std_mask_{len(masks)}")
         body += _attention_nodes(node, attrs, mask)
-    head = _base_nodes(max_context) + [m for key, name in masks.items() for m in _mask_nodes(key, name)]
+    head = _base_nodes() + [m for key, name in masks.items() for m in _mask_nodes(key, name)]
     del model.graph.node[:]
     model.graph.node.extend(head + body)
     kept = [f for f in model.functions if not (f.domain == DOMAIN and f.name == OP_TYPE)]
