@@ -16,6 +16,7 @@ from kvconvert.models import describe
 EXAMPLES = {
     "eval": {"max_tokens": 64, "chunk": 32},
     "heal": {"steps": 2, "seqlen": 32, "batch": 1},
+    "use_source": {},
     "mha_to_gqa": {"groups": 1, "evaluate": True, "eval": {"max_tokens": 64, "chunk": 32}},
     "sparse_policy": {"decode": {"kind": "sink_window", "sink": 4, "window": 252},
                       "layers": {1: {"decode": {"kind": "dense"}}}},
@@ -29,7 +30,7 @@ EXAMPLES = {
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None  # engines build without a GPU, if installed
 # export_onnx refuses latent checkpoints: the latent fit comes after it
 ORDER = ["eval", "mha_to_gqa", "heal", "sparse_policy", "needle", "export_onnx"] + (["export_engine"] if HAS_RTX else []) \
-    + ["export_triton", "fit_latent", "eval"]
+    + ["export_triton", "use_source", "fit_latent", "eval"]
 
 
 def _recipe_text(model) -> str:
