@@ -56,7 +56,7 @@ def operating_points(rows: list[dict[str, Any]], records: list[dict[str, Any]], 
     policies: dict[str, dict[str, Any]] = {}
     policy: dict[str, Any] | None = None
     for row, rec in zip(rows, [None] + list(records)):
-        m = row["model"]
+        m = "source" if rec is None else row["model"]  # row 0 names the source by its spec, steps by "source"
         point = by_model.setdefault(m, {"label": "source" if m == "source" else m, "model": m, "policy": None,
                                         "kv_bytes_per_token": row["kv_bytes_per_token"], "decode_read": 1.0})
         if rec is None:

@@ -74,7 +74,7 @@ class StepSpec:
     run: Callable[[Any, StepContext], StepResult]
     reads: tuple[str, ...] = ("model",)
     writes: str | None = None
-    plan: Callable[[AttentionView, Any], AttentionView] | None = None
+    plan: Callable[[AttentionView, Any], AttentionView | None] | None = None
     doc: str = ""
     optional: tuple[str, ...] = ()
 
@@ -139,7 +139,7 @@ class UseSourceConfig(StrictConfig):
     """No fields: the step only makes the recipe's model current again."""
 
 
-@register("use_source", UseSourceConfig, reads=("source",), writes="model")
+@register("use_source", UseSourceConfig, reads=("source",), writes="model", plan=lambda view, cfg: None)
 def _use_source(cfg: UseSourceConfig, ctx: StepContext) -> StepResult:
     """Branch back to the recipe's model: later steps act on the source again (e.g. a latent fit beside an
     MQA conversion). The folder holds links to (or copies of) the source's files."""
