@@ -128,10 +128,13 @@ def test_chain_of_every_step_on_a_tiny_model(tiny_folder, tmp_path):
         assert (repo / "tiny" / "1" / "model.plan").is_file() == HAS_RTX
     if "fit_latent" in STEPS:
         lat = rows["fit_latent"]
-        assert lat["kv_bytes_per_token"] == pytest.approx(rows["mha_to_gqa"]["kv_bytes_per_token"] / 2, rel=0.1)
+        before = rows["use_source"] if "use_source" in STEPS else rows["mha_to_gqa"]  # use_source: back to the source
+        assert lat["kv_bytes_per_token"] == pytest.approx(before["kv_bytes_per_token"] / 2, rel=0.1)
         assert math.isfinite(lat["perplexity"])
         plan = {r["step"]: r for r in plan_rows(load_recipe(path), view)}
         assert plan["fit_latent"]["kv_bytes_per_token"] == lat["kv_bytes_per_token"]
+    if "use_source" in STEPS:
+        assert rows["use_source"]["kv_bytes_per_token"] == report["rows"][0]["kv_bytes_per_token"]
     last = report["rows"][-1]
     assert last["step"] == "eval" and math.isfinite(last["perplexity"])
     assert len(report["pareto"]) >= 2

@@ -52,38 +52,39 @@ def merge_error(x: torch.Tensor) -> float:
 
 
 def procrustes(a: torch.Tensor, ref: torch.Tensor, proper: bool) -> torch.Tensor:
-    """Orthogonal R [k, k] minimising ||R a - ref||_F (a, ref: [k, n]); `proper`: det R = +1 (a rotation)."""
-    u, _, vh = torch.linalg.svd(ref @ a.T)
-    if proper and torch.linalg.det(u @ vh) < 0:
-        u = u.clone()
-        u[:, -1] = -u[:, -1]
+    """Orthogonal R [..., k, k] minimising ||R a - ref||_F (a, ref: [..., k, n], batched);
+    `proper`: det R = +1 (a rotation)."""
+    u, _, vh = torch.linalg.svd(ref @ a.transpose(-1, -2))
+    if proper:
+        sign = torch.linalg.det(u @ vh).sign()
+        u = torch.cat([u[..., :-1], u[..., -1:] * sign[..., None, None]], dim=-1)
     return u @ vh
 
 
-def _blocks(d: int, rot: int) -> list[list[int]]:
-    """Dims aligned together: each RoPE pair (f, f + rot/2), then the non-rotary dims as one block."""
-    half = rot // 2
-    blocks = [[f, f + half] for f in range(half)]
-    if rot < d:
-        blocks.append(list(range(rot, d)))
-    return blocks
+def _generalised_procrustes(xb: torch.Tensor, proper: bool, iters: int) -> torch.Tensor:
+    """xb: [m, B, k, n] (m heads, B independent blocks) -> R [m, B, k, k] with R_j x_j close to their mean."""
+    ref = xb[0]
+    rs = None
+    for _ in range(iters):
+        rs = procrustes(xb, ref, proper)
+        ref = (rs @ xb).mean(0)
+    return rs
 
 
-def align_group(x: torch.Tensor, blocks: list[list[int]], proper: list[bool], iters: int = 4
-                ) -> torch.Tensor:
-    """Generalised Procrustes: per block, orthogonal maps R_j [d, d] (block diagonal) with R_j x_j close to
-    their mean. x: [m, d, n] -> R [m, d, d] (R_0 starts as the reference, all refined `iters` times)."""
+def align_group(x: torch.Tensor, rot: int, iters: int = 4) -> torch.Tensor:
+    """Per-head orthogonal maps R [m, d, d] (block diagonal) with R_j x_j close to their mean, x: [m, d, n].
+
+    The first `rot` dims are RoPE pairs (f, f + rot/2): one 2x2 rotation each (commutes with RoPE); the
+    remaining dims form one block with a free orthogonal map."""
     m, d, _ = x.shape
     maps = torch.eye(d, dtype=x.dtype).repeat(m, 1, 1)
-    for idx, prop in zip(blocks, proper):
-        xb = x[:, idx]  # [m, k, n]
-        ref = xb[0]
-        rs = [torch.eye(len(idx), dtype=x.dtype) for _ in range(m)]
-        for _ in range(iters):
-            rs = [procrustes(xb[j], ref, prop) for j in range(m)]
-            ref = torch.stack([rs[j] @ xb[j] for j in range(m)]).mean(0)
-        for j in range(m):
-            maps[j][torch.tensor(idx)[:, None], torch.tensor(idx)[None, :]] = rs[j]
+    half = rot // 2
+    if half:
+        pairs = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1)  # [F, 2]
+        maps[:, pairs[:, :, None], pairs[:, None, :]] = _generalised_procrustes(x[:, pairs], True, iters)
+    if rot < d:
+        rest = torch.arange(rot, d)
+        maps[:, rest[:, None], rest[None, :]] = _generalised_procrustes(x[:, rest][:, None], False, iters)[:, 0]
     return maps
 
 
@@ -107,8 +108,6 @@ def merge_layer(w: LayerAttention, view: AttentionView, groups: int, grouping: s
     qa = augment_rows(w.q, w.q_bias, True).reshape(heads, d, -1)  # [H, d, n+1]
     o = w.o.double().reshape(-1, heads, d)  # [hidden, H, d]
     rot = view.rope.rotary_dim if view.rope is not None else 0
-    kblocks = _blocks(d, rot)
-    kproper = [len(b) == 2 and b[0] < rot for b in kblocks]
     k_rows, v_rows, figs = [], [], {"key_error": [], "key_error_aligned": [], "value_error": [],
                                     "value_error_aligned": []}
     for g in range(groups):
@@ -118,7 +117,7 @@ def merge_layer(w: LayerAttention, view: AttentionView, groups: int, grouping: s
         figs["key_error"].append(e_k)
         figs["value_error"].append(e_v)
         if align and not view.qk_norm:  # a per-head norm does not commute with a rotation of its input
-            rk = align_group(kx, kblocks, kproper)
+            rk = align_group(kx, rot)
             kx2 = rk @ kx
             if merge_error(kx2) < e_k:
                 kx = kx2
@@ -126,7 +125,7 @@ def merge_layer(w: LayerAttention, view: AttentionView, groups: int, grouping: s
                     hs = slice(j * r, (j + 1) * r)
                     qa[hs] = rk[i] @ qa[hs]
         if align:
-            rv = align_group(vx, [list(range(d))], [False])
+            rv = align_group(vx, 0)
             vx2 = rv @ vx
             if merge_error(vx2) < e_v:
                 vx = vx2
