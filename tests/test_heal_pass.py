@@ -75,7 +75,7 @@ def test_minutes_budget_stops(pair, tmp_path):
     assert res.metrics["heal"]["steps"] >= 1 and res.metrics["heal"]["seconds"] < 30
 
 
-@pytest.mark.parametrize("case", ["missing_teacher", "not_a_model", "vocab", "zero_steps", "self"])
+@pytest.mark.parametrize("case", ["missing_teacher", "not_a_model", "vocab", "zero_steps", "self", "resume"])
 def test_cli_refuses_bad_input_one_line(cli, capsys, pair, tmp_path, tiny_tok, case):
     teacher, student = pair
     extra = ["--steps", "2"]
@@ -91,12 +91,14 @@ def test_cli_refuses_bad_input_one_line(cli, capsys, pair, tmp_path, tiny_tok, c
         extra = ["--steps", "0"]
     if case == "self":
         teacher = student
+    if case == "resume":
+        extra += ["--resume"]
     capsys.readouterr()
     code, _, err = cli("heal", student, "--teacher", teacher, "--out", tmp_path / "out", "--no-eval", *extra)
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("kvconvert: error: ") and "Traceback" not in err
     assert {"missing_teacher": "teacher", "not_a_model": "teacher", "vocab": "vocabulary",
-            "zero_steps": "--steps", "self": "itself"}[case] in err
+            "zero_steps": "--steps", "self": "itself", "resume": "no saved heal state"}[case] in err
     assert not (tmp_path / "out").exists()
 
 
@@ -105,8 +107,10 @@ def test_cli_heals_and_prints_summary(cli, pair, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"word{i % 37} and more text {i}" for i in range(400)))
     code, out, err = cli("heal", student, "--teacher", teacher, "--out", tmp_path / "o", "--steps", "2",
-                         "--seqlen", "32", "--batch", "1", "--calib", text, "--eval-text", text, "-q")
+                         "--seqlen", "32", "--batch", "1", "--calib", text, "--eval-text", text, "-q",
+                         "--save-every", "1")
     assert code == 0, err
     assert "2 steps" in out and "perplexity" in out
+    assert not (tmp_path / "o.heal-state").exists()  # the saved state goes once the output is written
     rec = json.loads((tmp_path / "o" / "kvconvert.json").read_text())
     assert rec["metrics"]["perplexity_ratio"] > 0

@@ -11,9 +11,12 @@ budget (`minutes`) bound the run. Both models stay wherever they were placed (CP
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -31,7 +34,8 @@ from ..runtime.placement import input_device
 class HealConfig(StrictConfig):
     """KD settings. `steps=0` and no `minutes` means no healing. Each step sees `batch` x `seqlen` tokens of
     `calib.source`. With `minutes`, healing stops at that wall time (or after `steps`, if given, first); the
-    cosine schedule then runs over the time budget."""
+    cosine schedule then runs over the time budget. `save_every` > 0 (with a state folder): the trainable
+    weights, optimizer, schedule and data position are saved every that many steps, for `resume`."""
 
     steps: int = Field(0, ge=0)
     minutes: float | None = Field(None, gt=0)
@@ -48,6 +52,7 @@ class HealConfig(StrictConfig):
     temperature: float = Field(1.0, gt=0)
     hidden_weight: float = Field(0.0, ge=0)
     kd_chunk: int = Field(0, ge=0)
+    save_every: int = Field(0, ge=0)
 
     @property
     def enabled(self) -> bool:
@@ -142,12 +147,41 @@ def hidden_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[
     return torch.stack(terms).mean()
 
 
+STATE = "heal-state.pt"
+RESUMABLE = ("steps", "lr", "seqlen", "batch", "trainable", "seed", "calib", "warmup", "schedule", "weight_decay",
+             "max_grad_norm", "temperature", "hidden_weight")
+
+
+def _save_state(folder: Path, step: int, params, opt, sched, losses, kd_losses, cfg: HealConfig) -> None:
+    """Atomically write the resumable state (tensors, numbers and strings only: loads with weights_only)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (STATE + ".tmp")
+    torch.save({"step": step, "params": {n: p.detach().clone() for n, p in params}, "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "losses": losses, "kd_losses": kd_losses,
+                "config": json.dumps(cfg.model_dump(include=set(RESUMABLE), mode="json"), sort_keys=True)}, tmp)
+    os.replace(tmp, folder / STATE)
+
+
+def _load_state(folder: Path, cfg: HealConfig) -> dict[str, Any] | None:
+    path = folder / STATE
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["config"] != json.dumps(cfg.model_dump(include=set(RESUMABLE), mode="json"), sort_keys=True):
+        raise UserError(f"{path} was saved by a heal with other settings; resume with the same settings or "
+                        "delete that folder to start over")
+    return state
+
+
 def heal(student: torch.nn.Module, teacher: torch.nn.Module, cfg: HealConfig, calib: CalibrationData | None = None,
-         progress: bool = True, on_step: Callable[[int, float], bool | None] | None = None) -> dict[str, Any]:
+         progress: bool = True, on_step: Callable[[int, float], bool | None] | None = None,
+         state_dir: str | os.PathLike | None = None, resume: bool = False) -> dict[str, Any]:
     """Distil `teacher` into `student` in place for `cfg.steps` AdamW steps and / or `cfg.minutes`.
 
     `on_step(step, loss)` is called after each step (1-based), e.g. to evaluate at milestones; returning
-    True stops the run there.
+    True stops the run there. `state_dir`: where `cfg.save_every` saves the resumable state; `resume=True`
+    continues from the state saved there (same settings; the student given is the original one), so an
+    interrupted heal ends with the weights an uninterrupted one would have.
 
     `calib`: token ids, an iterable of LongTensor[1, S] (or a callable returning one), e.g. from
     `heal_batches(tokenizer, cfg)`; cycled when shorter than `steps * batch`.
@@ -198,8 +232,19 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, cfg: HealConfig, ca
     kd_losses: list[float] = []
     teacher_seconds, tokens = 0.0, 0
     want_hidden = cfg.hidden_weight > 0
-    bar = tqdm(_batches(data, cfg.batch, cfg.steps or None), total=cfg.steps or None, desc="heal",
-               disable=not progress)
+    folder = Path(state_dir) if state_dir is not None else None
+    batches = _batches(data, cfg.batch, cfg.steps or None)
+    state = _load_state(folder, cfg) if resume and folder is not None else None
+    if state is not None:
+        with torch.no_grad():
+            for n, p in params:
+                p.copy_(state["params"][n])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        losses, kd_losses = list(state["losses"]), list(state["kd_losses"])
+        for _ in range(state["step"]):  # the data position: the windows the saved steps consumed
+            next(batches)
+    bar = tqdm(batches, total=cfg.steps or None, initial=len(losses), desc="heal", disable=not progress)
     try:
         for ids in bar:
             tt = time.perf_counter()
@@ -223,6 +268,8 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, cfg: HealConfig, ca
             kd_losses.append(float(kd.detach()))
             tokens += ids.numel()
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if folder is not None and cfg.save_every and len(losses) % cfg.save_every == 0:
+                _save_state(folder, len(losses), params, opt, sched, losses, kd_losses, cfg)
             stop = on_step(len(losses), losses[-1]) if on_step is not None else False
             if stop or (budget is not None and time.perf_counter() - t0 >= budget):
                 break

@@ -70,11 +70,18 @@ def _device(cfg: HealPassConfig) -> str:
     return cfg.device
 
 
+def state_folder(out) -> Path:
+    """Where `save_every` keeps the resumable state of a heal writing `out`: the sibling `<out>.heal-state`."""
+    out = Path(out)
+    return out.with_name(out.name + ".heal-state")
+
+
 def heal_model(model, cfg: HealPassConfig, out, *, calib: CalibrationData | None = None, progress: bool = True,
-               overwrite: bool = False):
+               overwrite: bool = False, resume: bool = False):
     """Heal `model` (spec, path or ModelSource: any converted checkpoint) towards `cfg.teacher`, written
     atomically into `out`. `calib`: token ids (iterable of LongTensor[1, S] or a callable); default windows
-    of `cfg.calib.source`. Returns PassResult(out, metrics, record)."""
+    of `cfg.calib.source`. With `cfg.save_every` the state is saved in `state_folder(out)` (removed once `out`
+    is written); `resume=True` continues an interrupted heal from it. Returns PassResult(out, metrics, record)."""
     from ..io import PassResult, atomic_output_dir, check_target, copy_side_files, provenance
 
     t0 = time.perf_counter()
@@ -86,6 +93,9 @@ def heal_model(model, cfg: HealPassConfig, out, *, calib: CalibrationData | None
         raise UserError("the teacher is the student itself; pass the model the student was converted from")
     check_pair(source, teacher_src)
     check_target(Path(out), overwrite, (source.path, teacher_src.path))
+    states = state_folder(out)
+    if resume and not (states / "heal-state.pt").is_file():
+        raise UserError(f"--resume: no saved heal state in {states} (a heal saves one with --save-every N)")
     loop = cfg.loop()
     if calib is None:
         data = heal_batches(source.load_tokenizer(), loop)
@@ -96,7 +106,8 @@ def heal_model(model, cfg: HealPassConfig, out, *, calib: CalibrationData | None
     device = _device(cfg)
     student = source.load_model().to(device)
     teacher = teacher_src.load_model(dtype=torch.bfloat16 if device == "cuda" else None).to(device).eval()
-    result = heal(student, teacher, loop, calib=data, progress=progress)
+    result = heal(student, teacher, loop, calib=data, progress=progress,
+                  state_dir=states if cfg.save_every or resume else None, resume=resume)
     metrics: dict[str, Any] = {"heal": {k: result[k] for k in ("steps", "seconds", "tokens", "teacher_seconds",
                                                                 "trainable_parameters")},
                                "losses": result["losses"]}
@@ -119,4 +130,8 @@ def heal_model(model, cfg: HealPassConfig, out, *, calib: CalibrationData | None
         student.to("cpu").save_pretrained(tmp, safe_serialization=True, max_shard_size=cfg.max_shard_size)
         copy_side_files(source.path, tmp, skip=("config.json", "generation_config.json"))
         provenance.write(tmp, record)
+    if states.is_dir():  # written by this heal only: its state file and nothing else
+        (states / "heal-state.pt").unlink(missing_ok=True)
+        if not any(states.iterdir()):
+            states.rmdir()
     return PassResult(Path(out).resolve(), metrics, record)

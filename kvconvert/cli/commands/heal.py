@@ -27,6 +27,10 @@ def register(sub, common) -> None:
                    help="weight of the per-layer hidden-state matching beside the logit KL (0)")
     p.add_argument("--calib", metavar="SRC", default=None, help="healing text (builtin:pydoc-topics)")
     p.add_argument("--seed", type=int, default=None, help="window sampling seed (0)")
+    p.add_argument("--save-every", type=int, default=None, metavar="N",
+                   help="save the resumable state (trainable weights, optimizer, data position) every N steps "
+                        "in DIR.heal-state")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted heal from DIR.heal-state")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where both models run (auto)")
     add_output_flags(p)
     add_eval_flags(p)
@@ -38,11 +42,12 @@ def run(args) -> int:
 
     flags = {"teacher": args.teacher, "steps": args.steps, "minutes": args.minutes, "lr": args.lr,
              "seqlen": args.seqlen, "batch": args.batch, "trainable": args.trainable,
-             "hidden_weight": args.hidden_weight, "seed": args.seed, "device": args.device,
+             "hidden_weight": args.hidden_weight, "seed": args.seed, "save_every": args.save_every,
+             "device": args.device,
              "calib": {"source": args.calib} if args.calib else None, "max_shard_size": args.max_shard_size,
              "evaluate": False if args.no_eval else None, "eval": {"text": args.eval_text} if args.eval_text else None}
     cfg = HealPassConfig.parse({k: v for k, v in flags.items() if v is not None})
-    result = heal_model(open_source(args), cfg, args.out, overwrite=args.overwrite,
+    result = heal_model(open_source(args), cfg, args.out, overwrite=args.overwrite, resume=args.resume,
                         progress=not getattr(args, "quiet", False))
     m = result.metrics
     if args.json:
