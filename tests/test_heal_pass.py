@@ -114,3 +114,21 @@ def test_cli_heals_and_prints_summary(cli, pair, tmp_path):
     assert not (tmp_path / "o.heal-state").exists()  # the saved state goes once the output is written
     rec = json.loads((tmp_path / "o" / "kvconvert.json").read_text())
     assert rec["metrics"]["perplexity_ratio"] > 0
+
+
+def test_heals_a_latent_student(tiny_folder, tmp_path):
+    """Usable after any conversion: a fit-latent folder heals into a latent folder that loads again."""
+    from kvconvert.convert.latent import LatentConfig, fit_latent
+    from kvconvert.io import resolve_source
+
+    src = tiny_folder("llama", 2)
+    lat = fit_latent(src, LatentConfig(kv_ratio=0.5, allocation="uniform", metric="none", evaluate=False),
+                     tmp_path / "lat", calib=_data(6), progress=False).out
+    res = heal_model(lat, HealPassConfig(teacher=str(src), steps=4, lr=3e-3, batch=2, seqlen=32, evaluate=False),
+                     tmp_path / "healed", calib=_data(6), progress=False)
+    healed = resolve_source(res.out).load_model()
+    assert healed.config.model_type == "kvconvert_latent"
+    with torch.no_grad():
+        before, after = resolve_source(lat).load_model()(IDS).logits, healed(IDS).logits
+    assert not torch.allclose(before, after)
+    assert [p["pass"] for p in provenance.read(res.out)["passes"]] == ["fit_latent", "heal"]
