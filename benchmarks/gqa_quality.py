@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=300, help="healing CPU seconds per setting")
     ap.add_argument("--milestones", type=float, nargs="*", default=[100, 200, 300], help="CPU seconds")
     ap.add_argument("--needle", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--mean-rows", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure the data-free mean conversions")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "gqa_quality"))
     ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG from a saved JSON")
     args = ap.parse_args()
@@ -108,8 +110,8 @@ def main() -> None:
     teacher = src.load_model()
     row("base", teacher, 0.0, 0.0)
     starts = {}
-    for name, grouping, align in [("mean (consecutive)", "consecutive", False),
-                                  ("mean (similarity + RoPE align)", "similarity", True)]:
+    means = [("mean (consecutive)", "consecutive", False), ("mean (similarity + RoPE align)", "similarity", True)]
+    for name, grouping, align in means if args.mean_rows or args.start == "mean" else []:
         clock = Clock()
         merger = _mean_merger(src, view, GQAConfig(groups=args.groups, grouping=grouping, align=align))
         model = build_model(new_config, {**tensors, **merger.replacements()})
