@@ -262,7 +262,8 @@ def render_html(report: dict[str, Any], recipe: Recipe, out: Path) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(x)}</th>" for x in _headers(report))
     phead = "".join(f"<th>{esc(x)}</th>" for x in ["operating point"] + [t for _, t, _ in POINT_COLUMNS])
-    pbody = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in _points_table(report["operating_points"]))
+    pbody = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
+                    for row in _points_table(report["operating_points"]))
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in _table(report))
     imgs = "".join(
         f"<figure><img alt='{esc(p)}' src='data:image/png;base64,"
