@@ -68,3 +68,40 @@ def test_heal_batches_cycle_short_text(tiny_tok, tmp_path):
     batches = heal_batches(tiny_tok, cfg)
     assert len(batches) == 30 and all(b.shape == (1, 16) for b in batches)
     assert heal_batches(tiny_tok, cfg)[0].tolist() == batches[0].tolist()  # seeded
+
+
+def test_chunked_kd_and_hidden_matching_losses():
+    """The chunked KD loss equals the whole-batch one; hidden-state matching adds a term that heals too."""
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 37, 50, generator=g), torch.randn(2, 37, 50, generator=g)
+    whole = kd_loss(s, t, 2.0)
+    for chunk in (1, 8, 37, 100):
+        torch.testing.assert_close(kd_loss(s, t, 2.0, chunk=chunk), whole, rtol=1e-5, atol=1e-7)
+    student, teacher = _pair()
+    data = [torch.randint(3, 150, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    a = heal(copy.deepcopy(student), teacher, HealConfig(steps=3, batch=2, seqlen=32, kd_chunk=16), calib=data,
+             progress=False)
+    b = heal(copy.deepcopy(student), teacher, HealConfig(steps=3, batch=2, seqlen=32), calib=data, progress=False)
+    assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
+    c = heal(student, teacher, HealConfig(steps=12, lr=3e-3, batch=2, seqlen=32, hidden_weight=1.0), calib=data,
+             progress=False)
+    assert c["losses"][0] > c["kd_losses"][0] and c["losses"][-1] < c["losses"][0]
+    assert c["teacher_seconds"] > 0 and c["tokens"] == 12 * 2 * 32
+
+
+def test_interrupted_heal_resumes_to_the_same_weights(tmp_path):
+    student, teacher = _pair()
+    data = [torch.randint(3, 150, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    cfg = HealConfig(steps=6, lr=3e-3, batch=2, seqlen=32, save_every=2)
+    whole = copy.deepcopy(student)
+    ref = heal(whole, teacher, cfg, calib=data, progress=False)
+    cut = copy.deepcopy(student)
+    heal(cut, teacher, cfg, calib=data, progress=False, state_dir=tmp_path, on_step=lambda step, loss: step == 3)
+    resumed = copy.deepcopy(student)  # a restart loads the original student again
+    out = heal(resumed, teacher, cfg, calib=data, progress=False, state_dir=tmp_path, resume=True)
+    assert out["losses"] == pytest.approx(ref["losses"], rel=1e-6) and len(out["losses"]) == 6
+    for (n, a), b in zip(whole.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+    with pytest.raises(UserError, match="other settings"):
+        heal(copy.deepcopy(student), teacher, cfg.merged({"lr": 1e-3}), calib=data, progress=False,
+             state_dir=tmp_path, resume=True)

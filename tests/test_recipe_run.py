@@ -146,7 +146,8 @@ def test_smollm2_demo_recipe_reduced(cli, tmp_path):
                           "--set", "eval.chunk=64", "--set", "heal.steps=2", "--set", "heal.seqlen=64",
                           "--set", "needle.lengths=[512]", "--set", "needle.depths=[0.5]",
                           "--set", "sparse_policy.decode.window=256", "--set", "export_onnx.max_context=600",
-                          "--set", "fit_latent.sensitivity_samples=1")
+                          "--set", "fit_latent.sensitivity_samples=1", "--set", "fit_latent.heal.steps=2",
+                          "--set", "fit_latent.heal.seqlen=64")
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     rows = _finite_figures(report)
@@ -165,7 +166,8 @@ def test_smollm2_demo_recipe_reduced(cli, tmp_path):
     if "needle" in by_step:
         assert 0 <= by_step["needle"]["needle"] <= 1
     if "fit_latent" in by_step:
-        assert by_step["fit_latent"]["kv_bytes_per_token"] == pytest.approx(2 * 30 * 64 * 2 / 2, rel=0.05)
+        assert by_step["fit_latent"]["kv_bytes_per_token"] <= 2 * 30 * 3 * 64 * 2 / 3  # at most 1/3 of the source
+    assert report["recommendation"] and report["operating_points"][0]["label"] == "source"
     assert len(report["pareto"]) >= 2
     md = (out / "report.md").read_text()
     for r in rows:

@@ -16,6 +16,7 @@ from kvconvert.models import describe
 EXAMPLES = {
     "eval": {"max_tokens": 64, "chunk": 32},
     "heal": {"steps": 2, "seqlen": 32, "batch": 1},
+    "use_source": {},
     "mha_to_gqa": {"groups": 1, "evaluate": True, "eval": {"max_tokens": 64, "chunk": 32}},
     "sparse_policy": {"decode": {"kind": "sink_window", "sink": 4, "window": 252},
                       "layers": {1: {"decode": {"kind": "dense"}}}},
@@ -29,7 +30,7 @@ EXAMPLES = {
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None  # engines build without a GPU, if installed
 # export_onnx refuses latent checkpoints: the latent fit comes after it
 ORDER = ["eval", "mha_to_gqa", "heal", "sparse_policy", "needle", "export_onnx"] + (["export_engine"] if HAS_RTX else []) \
-    + ["export_triton", "fit_latent", "eval"]
+    + ["export_triton", "use_source", "fit_latent", "eval"]
 
 
 def _recipe_text(model) -> str:
@@ -127,10 +128,13 @@ def test_chain_of_every_step_on_a_tiny_model(tiny_folder, tmp_path):
         assert (repo / "tiny" / "1" / "model.plan").is_file() == HAS_RTX
     if "fit_latent" in STEPS:
         lat = rows["fit_latent"]
-        assert lat["kv_bytes_per_token"] == pytest.approx(rows["mha_to_gqa"]["kv_bytes_per_token"] / 2, rel=0.1)
+        before = rows["use_source"] if "use_source" in STEPS else rows["mha_to_gqa"]  # use_source: back to the source
+        assert lat["kv_bytes_per_token"] == pytest.approx(before["kv_bytes_per_token"] / 2, rel=0.1)
         assert math.isfinite(lat["perplexity"])
         plan = {r["step"]: r for r in plan_rows(load_recipe(path), view)}
         assert plan["fit_latent"]["kv_bytes_per_token"] == lat["kv_bytes_per_token"]
+    if "use_source" in STEPS:
+        assert rows["use_source"]["kv_bytes_per_token"] == report["rows"][0]["kv_bytes_per_token"]
     last = report["rows"][-1]
     assert last["step"] == "eval" and math.isfinite(last["perplexity"])
     assert len(report["pareto"]) >= 2

@@ -1,7 +1,8 @@
 """The mha-to-gqa pass: fewer KV heads, same architecture class, loadable by stock transformers.
 
 `mha_to_gqa(model, cfg, out)`:
-- `method="mean"` (data-free, streams shard by shard): K/V rows of each group averaged.
+- `method="mean"` (data-free, streams layer by layer): K/V rows of each group averaged, after a similarity
+  grouping and a RoPE-compatible alignment of the heads (`gqa_mean`).
 - `method="calibrated"`: closed-form fit on calibration activations (`gqa_calibrated`): shared K/V per group,
   key compensation folded into q_proj (per RoPE pair a 2x2 rotation-scaling), value compensation into o_proj.
 - `heal.steps > 0`: KD healing of the converted model against the original before writing (`heal`).
@@ -30,8 +31,7 @@ from ..io import ModelSource, PassResult, atomic_output_dir, check_target, copy_
 from ..io import provenance
 from ..io.writer import write_json
 from ..models import AttentionView, describe
-from .gqa_layout import kv_roles
-from .gqa_mean import mean_pool_tensor
+from .gqa_mean import LayerMerger
 from .gqa_stream import check_source_weights, iter_source_tensors, write_converted
 from .heal import HealConfig, heal, heal_batches
 from .placement import PlacementConfig, check_fits_in_ram, load_reference
@@ -45,6 +45,7 @@ class GQAConfig(StrictConfig):
     groups: int = Field(..., ge=1)
     method: Literal["mean", "calibrated"] = "mean"
     grouping: Literal["consecutive", "similarity"] = "similarity"
+    align: bool = True
     calib: CalibConfig = CalibConfig()
     heal: HealConfig = HealConfig()
     max_shard_size: str = "5GB"
@@ -99,10 +100,12 @@ def build_model(config: dict[str, Any], tensors: dict[str, torch.Tensor]):
     return model.eval()
 
 
-def _mean_replacements(source: ModelSource, view: AttentionView, groups: int) -> dict[str, torch.Tensor]:
-    roles = kv_roles(view)
-    return {name: mean_pool_tensor(view, roles[name][1], t, groups)
-            for name, t in iter_source_tensors(source) if name in roles}
+def _mean_merger(source: ModelSource, view: AttentionView, cfg: GQAConfig) -> LayerMerger:
+    return LayerMerger(source.reader().get, view, cfg.groups, cfg.grouping, cfg.align)
+
+
+def _mean_replacements(source: ModelSource, view: AttentionView, cfg: GQAConfig) -> dict[str, torch.Tensor]:
+    return _mean_merger(source, view, cfg).replacements()
 
 
 def mha_to_gqa(model, cfg: GQAConfig, out, *, overwrite: bool = False, calib: CalibrationData | None = None,
@@ -131,12 +134,8 @@ def mha_to_gqa(model, cfg: GQAConfig, out, *, overwrite: bool = False, calib: Ca
     with atomic_output_dir(out, overwrite, inputs=(source.path,)) as tmp, contextlib.ExitStack() as stack:
         teacher = None
         if cfg.method == "mean" and cfg.heal.steps == 0:
-            roles = kv_roles(view)
-
-            def convert(name: str, t: torch.Tensor) -> torch.Tensor:
-                return mean_pool_tensor(view, roles[name][1], t, cfg.groups) if name in roles else t
-
-            changed = roles.__contains__
+            convert = merger = _mean_merger(source, view, cfg)
+            changed = merger.changes
         else:
             if cfg.heal.steps:
                 teacher = stack.enter_context(load_reference(source, cfg.placement))
@@ -154,7 +153,9 @@ def mha_to_gqa(model, cfg: GQAConfig, out, *, overwrite: bool = False, calib: Ca
                                                                weights=source.reader().get)
                 metrics["fit"] = fit_metrics
             else:
-                replacements = _mean_replacements(source, view, cfg.groups)
+                merger = _mean_merger(source, view, cfg)
+                replacements = merger.replacements()
+                metrics["mean"] = merger.metrics()
             if cfg.heal.steps:
                 student = build_model(new_config, {**dict(iter_source_tensors(source)), **replacements})
                 result = heal(student, teacher, cfg.heal, calib=heal_data, progress=progress)
@@ -169,6 +170,8 @@ def mha_to_gqa(model, cfg: GQAConfig, out, *, overwrite: bool = False, calib: Ca
             changed = replacements.__contains__
 
         written = write_converted(source, tmp, convert, max_shard, progress, changes=changed)
+        if cfg.method == "mean" and "mean" not in metrics:
+            metrics["mean"] = merger.metrics()
         copy_side_files(source.path, tmp, skip=("config.json",))
         write_json(tmp / "config.json", new_config)
         metrics["bytes_written"] = written["bytes_written"]

@@ -1,16 +1,22 @@
 """Healing: a short knowledge-distillation "uptraining" of a converted model against the original.
 
 The student (any causal LM whose `forward(input_ids).logits` works, including latent models) is trained in
-place to match the teacher's next-token distributions (KL(teacher || student) on logits) over calibration
-text. By default only the attention blocks are trainable (`trainable="attention"`), as the conversion only
-changed them. Both models stay wherever they were placed (CPU, one GPU, or an `accelerate` device map).
+place to match the teacher: KL(teacher || student) of the next-token distributions, plus (`hidden_weight`)
+the relative squared error of every decoder layer's output hidden state, which gives each converted layer its
+own signal instead of only what reaches the logits. By default only the attention blocks are trainable
+(`trainable="attention"`), as the conversion only changed them. A step budget (`steps`) and / or a wall-time
+budget (`minutes`) bound the run. Both models stay wherever they were placed (CPU, one GPU, or an
+`accelerate` device map). `heal_pass.heal_model` is the pass (`kvconvert heal`) around this loop.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -26,9 +32,13 @@ from ..runtime.input_device import input_device
 
 
 class HealConfig(StrictConfig):
-    """KD settings. `steps=0` means no healing. Each step sees `batch` x `seqlen` tokens of `calib.source`."""
+    """KD settings. `steps=0` and no `minutes` means no healing. Each step sees `batch` x `seqlen` tokens of
+    `calib.source`. With `minutes`, healing stops at that wall time (or after `steps`, if given, first); the
+    cosine schedule then runs over the time budget. `save_every` > 0 (with a state folder): the trainable
+    weights, optimizer, schedule and data position are saved every that many steps, for `resume`."""
 
     steps: int = Field(0, ge=0)
+    minutes: float | None = Field(None, gt=0)
     lr: float = Field(5e-4, gt=0)
     seqlen: int = Field(256, ge=8)
     batch: int = Field(2, ge=1)
@@ -40,10 +50,25 @@ class HealConfig(StrictConfig):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     temperature: float = Field(1.0, gt=0)
+    hidden_weight: float = Field(0.0, ge=0)
+    kd_chunk: int = Field(0, ge=0)
+    save_every: int = Field(0, ge=0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.steps > 0 or self.minutes is not None
+
+
+def _window_count(cfg: HealConfig) -> int:
+    """Windows a heal may consume: steps x batch, or for a time budget without steps an upper bound."""
+    if cfg.steps:
+        return cfg.steps * cfg.batch
+    return 0
 
 
 def heal_batches(tokenizer, cfg: HealConfig) -> list[torch.Tensor]:
-    """`cfg.steps * cfg.batch` windows of `cfg.seqlen` tokens (LongTensor[1, seqlen]) from `cfg.calib.source`.
+    """Windows of `cfg.seqlen` tokens (LongTensor[1, seqlen]) from `cfg.calib.source`: `cfg.steps * cfg.batch`
+    of them, or with only `minutes` every window of the text once (the loop cycles them).
 
     Windows are non-overlapping and drawn with `random.Random(cfg.seed)`; a short text is cycled in a new
     random order rather than refused.
@@ -53,7 +78,7 @@ def heal_batches(tokenizer, cfg: HealConfig) -> list[torch.Tensor]:
     if n_windows < 1:
         raise UserError(f"healing text {cfg.calib.source} has {ids.numel()} tokens, fewer than --heal-seqlen "
                         f"{cfg.seqlen}; use more text or a shorter sequence")
-    need, rng, starts = max(cfg.steps * cfg.batch, 1), random.Random(cfg.seed), []
+    need, rng, starts = max(_window_count(cfg), 1 if cfg.steps else n_windows), random.Random(cfg.seed), []
     while len(starts) < need:
         starts += rng.sample(range(n_windows), min(n_windows, need - len(starts)))
     return [ids[s * cfg.seqlen:(s + 1) * cfg.seqlen].unsqueeze(0) for s in starts]
@@ -85,37 +110,88 @@ def trainable_parameters(model: torch.nn.Module, trainable: str) -> list[tuple[s
     return chosen
 
 
-def _batches(data: list[torch.Tensor], batch: int, steps: int) -> Iterator[torch.Tensor]:
-    """LongTensor[batch, S] per step, cycling through `data` (each LongTensor[1, S_i], cropped to the min S)."""
-    i = 0
-    for _ in range(steps):
+def _batches(data: list[torch.Tensor], batch: int, steps: int | None) -> Iterator[torch.Tensor]:
+    """LongTensor[batch, S] per step (forever when `steps` is None), cycling through `data` (each
+    LongTensor[1, S_i], cropped to the min S)."""
+    i, n = 0, 0
+    while steps is None or n < steps:
         rows = [data[(i + k) % len(data)] for k in range(batch)]
         i += batch
+        n += 1
         s = min(r.shape[-1] for r in rows)
         yield torch.cat([r.reshape(1, -1)[:, :s] for r in rows])
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) of the softmax at `temperature`; logits [B, S, V]."""
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+            chunk: int = 0) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) of the softmax at `temperature`; logits [B, S, V].
+
+    `chunk` > 0: computed `chunk` tokens at a time, so fp32 log-probabilities exist for one chunk only."""
     v = student_logits.shape[-1]
-    s = F.log_softmax(student_logits.float().reshape(-1, v) / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float().reshape(-1, v) / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+    s_all, t_all = student_logits.reshape(-1, v), teacher_logits.reshape(-1, v)
+    n = s_all.shape[0]
+    step = chunk if chunk > 0 else n
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    for a in range(0, n, step):
+        s = F.log_softmax(s_all[a:a + step].float() / temperature, dim=-1)
+        t = F.log_softmax(t_all[a:a + step].float() / temperature, dim=-1)
+        total = total + F.kl_div(s, t, log_target=True, reduction="sum")
+    return total / n * temperature**2
+
+
+def hidden_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean over decoder layers of ||h_s - h_t||^2 / ||h_t||^2 (hidden states [B, S, hidden], embeddings
+    excluded)."""
+    terms = [(s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-30)
+             for s, t in zip(student_hidden[1:], teacher_hidden[1:])]
+    return torch.stack(terms).mean()
+
+
+STATE = "heal-state.pt"
+RESUMABLE = ("steps", "lr", "seqlen", "batch", "trainable", "seed", "calib", "warmup", "schedule", "weight_decay",
+             "max_grad_norm", "temperature", "hidden_weight")
+
+
+def _save_state(folder: Path, step: int, params, opt, sched, losses, kd_losses, cfg: HealConfig) -> None:
+    """Atomically write the resumable state (tensors, numbers and strings only: loads with weights_only)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (STATE + ".tmp")
+    torch.save({"step": step, "params": {n: p.detach().clone() for n, p in params}, "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "losses": losses, "kd_losses": kd_losses,
+                "config": json.dumps(cfg.model_dump(include=set(RESUMABLE), mode="json"), sort_keys=True)}, tmp)
+    os.replace(tmp, folder / STATE)
+
+
+def _load_state(folder: Path, cfg: HealConfig) -> dict[str, Any] | None:
+    path = folder / STATE
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["config"] != json.dumps(cfg.model_dump(include=set(RESUMABLE), mode="json"), sort_keys=True):
+        raise UserError(f"{path} was saved by a heal with other settings; resume with the same settings or "
+                        "delete that folder to start over")
+    return state
 
 
 def heal(student: torch.nn.Module, teacher: torch.nn.Module, cfg: HealConfig, calib: CalibrationData | None = None,
-         progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Distil `teacher` into `student` in place for `cfg.steps` AdamW steps.
+         progress: bool = True, on_step: Callable[[int, float], bool | None] | None = None,
+         state_dir: str | os.PathLike | None = None, resume: bool = False) -> dict[str, Any]:
+    """Distil `teacher` into `student` in place for `cfg.steps` AdamW steps and / or `cfg.minutes`.
 
-    `on_step(step, loss)` is called after each step (1-based), e.g. to evaluate at milestones.
+    `on_step(step, loss)` is called after each step (1-based), e.g. to evaluate at milestones; returning
+    True stops the run there. `state_dir`: where `cfg.save_every` saves the resumable state; `resume=True`
+    continues from the state saved there (same settings; the student given is the original one), so an
+    interrupted heal ends with the weights an uninterrupted one would have.
 
     `calib`: token ids, an iterable of LongTensor[1, S] (or a callable returning one), e.g. from
     `heal_batches(tokenizer, cfg)`; cycled when shorter than `steps * batch`.
-    Returns {"losses": [per-step KD loss], "seconds": wall time, "steps", "trainable_parameters"}.
+    Returns {"losses": [per-step loss], "kd_losses", "seconds": wall time, "steps", "trainable_parameters",
+    "teacher_seconds": time in the teacher's forward passes, "tokens"}.
     """
     t0 = time.perf_counter()
-    if cfg.steps == 0:
-        return {"losses": [], "seconds": 0.0, "steps": 0, "trainable_parameters": 0}
+    if not cfg.enabled:
+        return {"losses": [], "kd_losses": [], "seconds": 0.0, "steps": 0, "trainable_parameters": 0,
+                "teacher_seconds": 0.0, "tokens": 0}
     if calib is None:
         raise UserError("healing needs calibration token ids; pass calib=heal_batches(tokenizer, cfg)")
     data = [torch.as_tensor(x).long() for x in iterate(calib)]
@@ -131,40 +207,77 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, cfg: HealConfig, ca
         p.requires_grad_(False)
     opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, weight_decay=cfg.weight_decay,
                             betas=(0.9, 0.95))
+    budget = cfg.minutes * 60 if cfg.minutes is not None else None
+
+    def progress_fraction(step: int) -> float:
+        fractions = []
+        if cfg.steps:
+            fractions.append((step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1))
+        if budget is not None:
+            fractions.append((time.perf_counter() - t0) / budget)
+        return min(max(max(fractions), 0.0), 1.0)
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup:
             return (step + 1) / (cfg.warmup + 1)
         if cfg.schedule == "constant":
             return 1.0
-        frac = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_fraction(step)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     s_dev, t_dev = input_device(student), input_device(teacher)
     was_training = student.training
     student.eval()  # no dropout: the student must match the deterministic teacher
     losses: list[float] = []
-    bar = tqdm(_batches(data, cfg.batch, cfg.steps), total=cfg.steps, desc="heal", disable=not progress)
+    kd_losses: list[float] = []
+    teacher_seconds, tokens = 0.0, 0
+    want_hidden = cfg.hidden_weight > 0
+    folder = Path(state_dir) if state_dir is not None else None
+    batches = _batches(data, cfg.batch, cfg.steps or None)
+    state = _load_state(folder, cfg) if resume and folder is not None else None
+    if state is not None:
+        with torch.no_grad():
+            for n, p in params:
+                p.copy_(state["params"][n])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        losses, kd_losses = list(state["losses"]), list(state["kd_losses"])
+        for _ in range(state["step"]):  # the data position: the windows the saved steps consumed
+            next(batches)
+    bar = tqdm(batches, total=cfg.steps or None, initial=len(losses), desc="heal", disable=not progress)
     try:
         for ids in bar:
+            tt = time.perf_counter()
             with torch.no_grad():
-                t_logits = teacher(ids.to(t_dev), use_cache=False).logits.to(s_dev)
+                t_out = teacher(ids.to(t_dev), use_cache=False, output_hidden_states=want_hidden)
+                t_logits = t_out.logits.to(s_dev)
+                t_hidden = tuple(h.to(s_dev) for h in t_out.hidden_states) if want_hidden else ()
+            del t_out
+            teacher_seconds += time.perf_counter() - tt
             with torch.enable_grad():
-                s_logits = student(ids.to(s_dev), use_cache=False).logits
-                loss = kd_loss(s_logits, t_logits, cfg.temperature)
+                s_out = student(ids.to(s_dev), use_cache=False, output_hidden_states=want_hidden)
+                kd = kd_loss(s_out.logits, t_logits, cfg.temperature, cfg.kd_chunk)
+                loss = kd + cfg.hidden_weight * hidden_loss(s_out.hidden_states, t_hidden) if want_hidden else kd
                 loss.backward()
+            del s_out, t_logits, t_hidden
             torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
+            kd_losses.append(float(kd.detach()))
+            tokens += ids.numel()
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if on_step is not None:
-                on_step(len(losses), losses[-1])
+            if folder is not None and cfg.save_every and len(losses) % cfg.save_every == 0:
+                _save_state(folder, len(losses), params, opt, sched, losses, kd_losses, cfg)
+            stop = on_step(len(losses), losses[-1]) if on_step is not None else False
+            if stop or (budget is not None and time.perf_counter() - t0 >= budget):
+                break
     finally:
+        bar.close()
         for n, p in student.named_parameters():
             p.requires_grad_(flags[n])
         student.train(was_training)
-    return {"losses": losses, "seconds": round(time.perf_counter() - t0, 2), "steps": len(losses),
-            "trainable_parameters": sum(p.numel() for _, p in params)}
+    return {"losses": losses, "kd_losses": kd_losses, "seconds": round(time.perf_counter() - t0, 2),
+            "steps": len(losses), "trainable_parameters": sum(p.numel() for _, p in params),
+            "teacher_seconds": round(teacher_seconds, 2), "tokens": tokens}

@@ -43,13 +43,13 @@ def plan_rows(recipe: Recipe, view: AttentionView | None) -> list[dict[str, Any]
     """One row per step (row 0 = the source): folder, which model it acts on, expected KV figures."""
     h = recipe.header
     rows = [_row(0, "source", None, "source", view, h)]
-    model_at = "source"
+    model_at, source_view = "source", view
     for i, (folder, step) in enumerate(zip(recipe.folder_names(), recipe.steps), 1):
         spec = STEPS[step.step]
         acts_on = model_at
         if view is not None and spec.plan is not None:
             try:
-                view = spec.plan(view, step.config)
+                view = spec.plan(view, step.config) or source_view  # None: the step makes the source current again
             except UserError as exc:
                 raise UserError(f"steps[{i}] ({step.step}) on {acts_on}: {exc}") from None
         if spec.writes == "model":

@@ -74,7 +74,7 @@ class StepSpec:
     run: Callable[[Any, StepContext], StepResult]
     reads: tuple[str, ...] = ("model",)
     writes: str | None = None
-    plan: Callable[[AttentionView, Any], AttentionView] | None = None
+    plan: Callable[[AttentionView, Any], AttentionView | None] | None = None
     doc: str = ""
     optional: tuple[str, ...] = ()
 
@@ -121,20 +121,44 @@ def _eval(cfg: EvalConfig, ctx: StepContext) -> StepResult:
 
 @register("heal", HealConfig, reads=("model", "source"), writes="model")
 def _heal(cfg: HealConfig, ctx: StepContext) -> StepResult:
-    """KL distillation of the current model towards the recipe's source model (kvconvert.convert.heal)."""
-    from ..convert.heal import heal, heal_batches
+    """KL distillation of the current model towards the recipe's source model (kvconvert.heal_model)."""
+    from ..convert.heal_pass import HealPassConfig, heal_model
     from . import model_io
 
-    student_src, teacher_src = ctx.model(), ctx.model("source")
-    student, teacher = model_io.load(student_src), model_io.load(teacher_src, frozen=True)
-    res = heal(student, teacher, cfg, calib=heal_batches(student_src.load_tokenizer(), cfg), progress=ctx.progress)
-    metrics = {"steps": res["steps"], "seconds": res["seconds"], "trainable_parameters": res["trainable_parameters"],
-               "loss_first": res["losses"][0] if res["losses"] else None,
-               "loss_last": res["losses"][-1] if res["losses"] else None}
-    model_io.save_model(student, student_src, ctx.out, "heal", cfg.model_dump(mode="json"), res["seconds"],
-                        {"heal": metrics})
-    model_io.plot_losses(res["losses"], ctx.out / "heal-loss.png", f"healing: {res['steps']} steps")
-    return StepResult(metrics={**metrics, "losses": res["losses"]}, artifact=ctx.out)
+    teacher = ctx.model("source")
+    pass_cfg = HealPassConfig.parse({**cfg.model_dump(), "teacher": teacher.spec, "evaluate": False})
+    res = heal_model(ctx.model(), pass_cfg, ctx.out, overwrite=True, progress=ctx.progress)
+    h, losses = res.metrics["heal"], res.metrics["losses"]
+    metrics = {"steps": h["steps"], "seconds": h["seconds"], "trainable_parameters": h["trainable_parameters"],
+               "tokens": h["tokens"], "loss_first": h["first_loss"], "loss_last": h["last_loss"]}
+    model_io.plot_losses(losses, ctx.out / "heal-loss.png", f"healing: {h['steps']} steps, {h['seconds']:.0f} s")
+    return StepResult(metrics={**metrics, "losses": losses}, artifact=ctx.out)
+
+
+class UseSourceConfig(StrictConfig):
+    """No fields: the step only makes the recipe's model current again."""
+
+
+@register("use_source", UseSourceConfig, reads=("source",), writes="model", plan=lambda view, cfg: None)
+def _use_source(cfg: UseSourceConfig, ctx: StepContext) -> StepResult:
+    """Branch back to the recipe's model: later steps act on the source again (e.g. a latent fit beside an
+    MQA conversion). The folder holds links to (or copies of) the source's files."""
+    import os
+    import shutil
+
+    source = ctx.model("source")
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(source.path.iterdir()):
+        if not f.is_file():
+            continue
+        dst = ctx.out / f.name
+        if dst.exists():
+            dst.unlink()
+        try:
+            os.link(f, dst)
+        except OSError:
+            shutil.copy2(f, dst)
+    return StepResult(metrics={"source": source.spec}, artifact=ctx.out)
 
 
 def _gqa_plan(view: AttentionView, cfg: GQAConfig) -> AttentionView:

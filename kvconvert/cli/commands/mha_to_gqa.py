@@ -29,7 +29,10 @@ def register(sub, common) -> None:
     p.add_argument("--groups", type=int, required=True, metavar="G", help="KV heads of the output")
     p.add_argument("--method", choices=["mean", "calibrated"], default=None, help="conversion method (mean)")
     p.add_argument("--grouping", choices=["consecutive", "similarity"], default=None,
-                   help="calibrated only: which KV heads share a group (similarity: permute query heads)")
+                   help="which KV heads share a group (similarity, default: chosen from the weights (mean) or "
+                        "calibration statistics (calibrated), realised by permuting query heads)")
+    p.add_argument("--no-align", dest="align", action="store_false", default=None,
+                   help="mean: average heads as they are (default: rotate each onto its group per RoPE pair first)")
     add_output_flags(p)
     add_calib_flags(p)
     add_heal_flags(p)
@@ -42,7 +45,8 @@ def register(sub, common) -> None:
 def run(args) -> int:
     from ...convert.gqa import GQAConfig, mha_to_gqa
 
-    flags = {"groups": args.groups, "method": args.method, "grouping": args.grouping, "device": args.device, **pass_fields(args),
+    flags = {"groups": args.groups, "method": args.method, "grouping": args.grouping, "align": args.align,
+             "device": args.device, **pass_fields(args),
              "placement": placement_fields(args) or None}
     cfg = GQAConfig.parse({k: v for k, v in flags.items() if v is not None})
     source = open_source(args)

@@ -1,0 +1,137 @@
+"""The heal pass: `heal_model(student, HealPassConfig, out)` distils a converted model towards its teacher and
+writes a normal checkpoint (stock-transformers loadable, or a latent folder) with provenance.
+
+Usable after any conversion (`kvconvert heal STUDENT --teacher SRC --out DIR`); the recipe `heal` step calls
+it too. The loop itself is `heal.heal` (also what the passes' `--heal-steps` run).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..data.calibration import CalibrationData, iterate
+from ..errors import UserError
+from ..eval.evaluate import EvalConfig
+from .heal import HealConfig, heal, heal_batches
+
+PROBE = "The quick brown fox jumps over the lazy dog. 0123456789 ()[]{} naïve café"
+
+
+class HealPassConfig(HealConfig):
+    """`kvconvert heal` settings: the teacher (MODEL spec of the model the student was converted from), the
+    HealConfig fields, the output's shard size, the device, and the before/after evaluation."""
+
+    teacher: str
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_shard_size: str = "5GB"
+    evaluate: bool = True
+    eval: EvalConfig = EvalConfig()
+
+    def loop(self) -> HealConfig:
+        """The HealConfig part (what `heal.heal` reads)."""
+        return HealConfig.parse(self.model_dump(include=set(HealConfig.model_fields)))
+
+
+def _resolve(model, what: str):
+    from ..io import ModelSource, resolve_source
+
+    if isinstance(model, ModelSource):
+        return model
+    try:
+        return resolve_source(model)
+    except UserError as exc:
+        raise UserError(f"{what}: {exc}") from None
+
+
+def check_pair(student, teacher) -> None:
+    """Refuse a teacher the student cannot be distilled towards: other vocabulary size or tokenizer."""
+    sv, tv = student.config_dict().get("vocab_size"), teacher.config_dict().get("vocab_size")
+    if sv != tv:
+        raise UserError(f"the teacher's vocabulary ({tv} tokens) differs from the student's ({sv}); "
+                        "heal against the model the student was converted from")
+    try:
+        s_tok, t_tok = student.load_tokenizer(), teacher.load_tokenizer()
+    except Exception:  # noqa: BLE001 - a folder without tokenizer files: the vocabulary size check stands
+        return
+    if s_tok(PROBE)["input_ids"] != t_tok(PROBE)["input_ids"]:
+        raise UserError("the teacher's tokenizer encodes text differently from the student's; heal against the "
+                        "model the student was converted from")
+
+
+def _device(cfg: HealPassConfig) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
+    return cfg.device
+
+
+def state_folder(out) -> Path:
+    """Where `save_every` keeps the resumable state of a heal writing `out`: the sibling `<out>.heal-state`."""
+    out = Path(out)
+    return out.with_name(out.name + ".heal-state")
+
+
+def heal_model(model, cfg: HealPassConfig, out, *, calib: CalibrationData | None = None, progress: bool = True,
+               overwrite: bool = False, resume: bool = False):
+    """Heal `model` (spec, path or ModelSource: any converted checkpoint) towards `cfg.teacher`, written
+    atomically into `out`. `calib`: token ids (iterable of LongTensor[1, S] or a callable); default windows
+    of `cfg.calib.source`. With `cfg.save_every` the state is saved in `state_folder(out)` (removed once `out`
+    is written); `resume=True` continues an interrupted heal from it. Returns PassResult(out, metrics, record)."""
+    from ..io import PassResult, atomic_output_dir, check_target, copy_side_files, provenance
+
+    t0 = time.perf_counter()
+    if not cfg.enabled:
+        raise UserError("nothing to heal: give --steps N (N > 0) or --minutes M")
+    source = _resolve(model, "student")
+    teacher_src = _resolve(cfg.teacher, "teacher")
+    if source.path.resolve() == teacher_src.path.resolve():
+        raise UserError("the teacher is the student itself; pass the model the student was converted from")
+    check_pair(source, teacher_src)
+    check_target(Path(out), overwrite, (source.path, teacher_src.path))
+    states = state_folder(out)
+    if resume and not (states / "heal-state.pt").is_file():
+        raise UserError(f"--resume: no saved heal state in {states} (a heal saves one with --save-every N)")
+    loop = cfg.loop()
+    if calib is None:
+        data = heal_batches(source.load_tokenizer(), loop)
+    else:
+        data = [torch.as_tensor(x).long().reshape(1, -1) for x in iterate(calib)]
+        if not data:
+            raise UserError("no healing sequences were given")
+    device = _device(cfg)
+    student = source.load_model().to(device)
+    teacher = teacher_src.load_model(dtype=torch.bfloat16 if device == "cuda" else None).to(device).eval()
+    result = heal(student, teacher, loop, calib=data, progress=progress,
+                  state_dir=states if cfg.save_every or resume else None, resume=resume)
+    metrics: dict[str, Any] = {"heal": {k: result[k] for k in ("steps", "seconds", "tokens", "teacher_seconds",
+                                                                "trainable_parameters")},
+                               "losses": result["losses"]}
+    metrics["heal"].update(first_loss=result["losses"][0], last_loss=result["losses"][-1],
+                           tokens_per_second=round(result["tokens"] / max(result["seconds"], 1e-9), 1))
+    if cfg.evaluate:
+        from ..eval.evaluate import evaluate_model
+
+        tokenizer = source.load_tokenizer()
+        metrics["eval"] = evaluate_model(student, tokenizer, cfg.eval, progress)
+        metrics["baseline_eval"] = {"model": teacher_src.spec, **evaluate_model(teacher, tokenizer, cfg.eval,
+                                                                                 progress)}
+        metrics["perplexity_ratio"] = metrics["eval"]["perplexity"] / metrics["baseline_eval"]["perplexity"]
+    del teacher
+    record = provenance.new_record(source.provenance(), parent=provenance.read(source.path))
+    params = {**cfg.model_dump(mode="json"), "teacher": teacher_src.provenance()}
+    provenance.add_pass(record, "heal", params, time.perf_counter() - t0,
+                        {k: v for k, v in metrics.items() if k != "losses"})
+    with atomic_output_dir(out, overwrite, inputs=(source.path, teacher_src.path)) as tmp:
+        student.to("cpu").save_pretrained(tmp, safe_serialization=True, max_shard_size=cfg.max_shard_size)
+        copy_side_files(source.path, tmp, skip=("config.json", "generation_config.json"))
+        provenance.write(tmp, record)
+    if states.is_dir():  # written by this heal only: its state file and nothing else
+        (states / "heal-state.pt").unlink(missing_ok=True)
+        if not any(states.iterdir()):
+            states.rmdir()
+    return PassResult(Path(out).resolve(), metrics, record)
