@@ -236,7 +236,6 @@ def test_06_dry_run_checks_group_counts_like_the_real_run(cli, model, tmp_path):
 
 
 # 7 ---------------------------------------------------------------------------------------------------------
-@pytest.mark.xfail(reason="needs the scale branch", strict=False)
 def test_07_tokenizer_less_checkpoint_skips_the_evaluation(cli, model, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (model / name).unlink(missing_ok=True)
