@@ -394,10 +394,12 @@ def filled(buffer: str, out: str) -> onnx.NodeProto:
 
 
 def attention(q: str, k: str, v: str, opset: int, page_topk: bool = False, block_sparse: bool = False,
-              lowering: Lowering | None = None) -> list[onnx.NodeProto]:
+              lowering: Lowering | None = None, values: list[onnx.NodeProto] | None = None) -> list[onnx.NodeProto]:
     """`output` [B, S, H, Dv] from q [B, H, S, D] and the filled slots k [B, KV, T, D], v [B, KV, T, Dv]
     (after `prelude` and `filled_length`): scale, soft-capping, the causal / sliding-window / policy mask, fp32
-    softmax. `lowering` says which optional parts are emitted (None: all, plus the selections asked for)."""
+    softmax. `lowering` says which optional parts are emitted (None: all, plus the selections asked for).
+    `values`: nodes computing `out_grouped` [B, KV, G*S, Dv] from `probs` [B, KV, G*S, T] in place of
+    `probs @ v` (the latent body accumulates value latents instead)."""
     n = helper.make_node
     F, I = onnx.AttributeProto.FLOAT, onnx.AttributeProto.INT
     low = lowering or Lowering(selections=tuple(name for name, on in (("page_topk", page_topk),
@@ -464,7 +466,7 @@ def attention(q: str, k: str, v: str, opset: int, page_topk: bool = False, block
         n("CastLike", ["probs_f", q], ["probs5"]),
         n("Concat", ["zero1", "zero1", "minus1", "T1"], ["probs4_shape"], axis=0),
         n("Reshape", ["probs5", "probs4_shape"], ["probs"]),
-        n("MatMul", ["probs", v], ["out_grouped"]),
+        *(values if values is not None else [n("MatMul", ["probs", v], ["out_grouped"])]),
         # [B, KV, G*S, Dv] -> [B, H, S, Dv] -> [B, S, H, Dv]
         n("Concat", ["zero1", "minus1", "S1", "zero1"], ["out_shape"], axis=0),
         n("Reshape", ["out_grouped", "out_shape"], ["out_heads"]),

@@ -32,15 +32,6 @@ def example_inputs(step: DecoderStep, max_context: int, dtype: torch.dtype, batc
     return (ids, pos, cache_length, *past)
 
 
-def _latent_function(step: DecoderStep, names: list[str], opset: int, page_topk: bool,
-                     block_sparse: bool) -> onnx.FunctionProto:
-    from .latent_function_body import kv_latent_attention_function
-
-    k_norm = any(a["k_norm_eps"] > 0 for a in step.latent_attributes)
-    return kv_latent_attention_function(names, opset, step.layout.kind == "joint_latent", k_norm, page_topk,
-                                        block_sparse)
-
-
 def attach_kv_functions(model: onnx.ModelProto, nodes: list[onnx.NodeProto], names: list[str], opset: int,
                         fused_ok: bool) -> list[str]:
     """One KVAttention function overload per distinct `layer_lowering` of `nodes` (each node names its own);
@@ -93,7 +84,9 @@ def trace_to_onnx(step: DecoderStep, max_context: int, dtype: torch.dtype, opset
     attention_nodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == op_type]
     names = sorted({a.name for n in attention_nodes for a in n.attribute})
     if step.layout.latent:
-        model.functions.append(_latent_function(step, names, opset, page_topk, block_sparse))
+        from .latent_function_body import attach_latent_functions
+
+        attach_latent_functions(model, attention_nodes, names, opset, step.layout.kind == "joint_latent")
     else:
         widths = {b.kind: b.width for b in step.layout.buffers}
         attach_kv_functions(model, attention_nodes, names, opset, fused and widths["key"] == widths["value"])
