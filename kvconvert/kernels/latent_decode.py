@@ -233,3 +233,12 @@ def latent_decode(q, c_k, c_v, seq_lens, weights: LatentWeights, counts=None, in
     kv = weights.num_kv_heads
     out = project_values(o_lat.view(b, kv, h // kv, -1), weights, mass.view(b, kv, h // kv))
     return out.reshape(b, h, -1).to(q.dtype)
+
+
+def latent_decode_step(q, c_k, c_v, seq_lens, weights: LatentWeights, **kw):
+    """The entry point for one decode step from a latent cache (what `kvconvert.runtime.latent` calls): the
+    Triton `latent_decode` kernel on CUDA, its eager twin `latent_decode_reference` elsewhere; same arguments."""
+    if q.is_cuda:
+        return latent_decode(q, c_k, c_v, seq_lens, weights, **kw)
+    kw.pop("num_splits", None)
+    return latent_decode_reference(q, c_k, c_v, seq_lens, weights, **kw)

@@ -9,6 +9,12 @@ zero-width tensor in joint mode). At attention time, for all cached tokens,
   V = v_proj(c_v) (+ bias)
 then the base architecture's own attention function runs (mask, scaling, sliding window, softcap as the
 stock module). Queries use the stock q projection (+ q_norm) and are rotated with the same position table.
+
+Single-token decode goes through the kernel entry point `kvconvert.kernels.latent_decode.latent_decode_step`
+(the Triton kernel on CUDA, its eager reference on the CPU: values accumulated in latent space, v_up applied
+once) whenever its semantics are the module's: no soft-capping, no sliding window, every cached slot visible
+(no padding in the mask), slot j at position j, rotate-half RoPE, and k_norm (if any) an RMSNorm x / rms(x) * weight.
+`LatentAttention.decode_kernel = False` turns it off (the rebuild-then-attend path above).
 """
 
 from __future__ import annotations
@@ -38,8 +44,20 @@ class RopeTable:
         return self._value
 
 
+def _all_visible(mask, t: int) -> bool:
+    """Whether a decode step's attention mask (None, bool, or additive float [b, 1, 1, >= t]) hides no slot < t."""
+    if mask is None:
+        return True
+    if not torch.is_tensor(mask) or mask.dim() != 4 or mask.shape[-1] < t:
+        return False
+    m = mask[..., :t]
+    return bool(m.all()) if m.dtype == torch.bool else bool((m == 0).all())
+
+
 class LatentAttention(nn.Module):
     """Attention whose K/V come from cached latents; built from a stock attention module (see module doc)."""
+
+    decode_kernel = True
 
     def __init__(self, stock: nn.Module, view, k_width: int, v_width: int, joint: bool, rope: RopeTable):
         super().__init__()
@@ -61,6 +79,7 @@ class LatentAttention(nn.Module):
         self._rotate = base_module.apply_rotary_pos_emb
         self._rope = [rope]  # shared, not a submodule
         self.joint = joint
+        self._rotate_half = view.rope is not None and view.rope.layout == "rotate_half"
         dtype = stock.o_proj.weight.dtype
         device = stock.o_proj.weight.device
         hidden, kv_width = view.hidden_size, view.kv_width
@@ -97,6 +116,36 @@ class LatentAttention(nn.Module):
             q = self.q_norm(q)
         return q.transpose(1, 2)
 
+    def _k_norm_eps(self) -> float | None:
+        """k_norm's epsilon (0.0 without k_norm); None when k_norm is not x / rms(x) * weight (checked once)."""
+        if not hasattr(self, "_k_norm_eps_value"):
+            eps, norm = 0.0, self.k_norm
+            if norm is not None:
+                eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+                weight = getattr(norm, "weight", None)
+                probe = torch.randn(3, self.head_dim, generator=torch.Generator().manual_seed(0)).to(self.o_proj.weight)
+                with torch.no_grad():
+                    want = None if eps is None or weight is None else (
+                        weight * (probe.float() * torch.rsqrt(probe.float().pow(2).mean(-1, keepdim=True) + eps)))
+                    ok = want is not None and torch.allclose(norm(probe).float(), want.float(), rtol=1e-3, atol=1e-5)
+                eps = float(eps) if ok else None
+            self._k_norm_eps_value = eps
+        return self._k_norm_eps_value
+
+    def _decode(self, q, c_k, c_v, cos, sin):
+        """One token per sequence through `latent_decode_step`: q [b, H, 1, D] rotated, c_k / c_v the whole
+        cache [b, 1, t, r] (slot j at position j) -> [b, 1, H*Dv]."""
+        from ...kernels.latent_decode import LatentWeights, latent_decode_step
+
+        b, t = q.shape[0], c_k.shape[2]
+        eps = self._k_norm_eps()
+        weights = LatentWeights(self.num_kv_heads, self.k_proj.weight.t(), self.v_proj.weight.t(), cos[0], sin[0],
+                                self.k_proj.bias, self.v_proj.bias,
+                                self.k_norm.weight if self.k_norm is not None else None, eps)
+        lens = torch.full((b,), t, dtype=torch.int32, device=q.device)
+        out = latent_decode_step(q[:, :, 0], c_k, c_v, lens, weights, scale=self.scaling)
+        return out.reshape(b, 1, -1)
+
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, **kwargs):
         """transformers >= 5.24 passes the cache as `cache` (earlier versions: `past_key_values`)."""
@@ -112,13 +161,18 @@ class LatentAttention(nn.Module):
         if self.joint:
             c_v = c_k
         t = c_k.shape[-2]
+        end = seen + s
+        cos, sin = self._rope[0].upto(end, q)
+        if (self.decode_kernel and self._rotate_half and s == 1 and cache is not None and t == end and self.softcap is None
+                and self.sliding_window is None and not self.training and self._k_norm_eps() is not None
+                and _all_visible(attention_mask, t)):
+            q = self._rotate(q, q, cos[:, seen:end], sin[:, seen:end])[0]
+            return self.o_proj(self._decode(q, c_k, c_v, cos, sin)), None
         k = self.k_proj(c_k[:, 0]).view(b, t, -1, d)
         if self.k_norm is not None:
             k = self.k_norm(k)
         k = k.transpose(1, 2)
         v = self.v_proj(c_v[:, 0]).view(b, t, -1, d).transpose(1, 2)
-        end = seen + s
-        cos, sin = self._rope[0].upto(end, q)
         q = self._rotate(q, q, cos[:, seen:end], sin[:, seen:end])[0]
         k = self._rotate(k, k, cos[:, end - t:end], sin[:, end - t:end])[0]
 
