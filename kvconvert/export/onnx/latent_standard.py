@@ -3,15 +3,20 @@
 Every traced `kvconvert::KVLatentAttention` node is replaced by (per layer; see latent_op.py for the inputs):
   present_*_latent = TensorScatter(past_*_latent, new latent, cache_length, axis=2)   the latent buffers, in place
   c    = Slice(present, slots [0, N))         N = max(cache_length) + S: only the filled part of the buffer
-  K    = RotaryEmbedding(RMSNormalization(Reshape(c_k @ k_up + k_bias)), slot positions)   [B, KV, N, D]
-  V    = Transpose(Reshape(c_v @ v_up + v_bias))                                           [B, KV, N, Dv]
+  K    = RotaryEmbedding(RMSNormalization(c_k @ k_up_g + k_bias_g), slot positions)   [B, KV, N, D]
+         (one MatMul [B, 1, N, Rk] x [KV, Rk, D] broadcast over the KV heads: no transpose of the keys)
   q    = RotaryEmbedding(query, positions cache_length + s)
-  y    = Attention(q, K, V, mask [B, 1, S, N], scale, softcap)   ->   output = Transpose(y) [B, S, H, Dv]
-(RMSNormalization only for k_norm models). The mask is `standard_attention`'s rule (causal on slot index, the
-model's sliding window, a sink_window policy) over the N filled slots, built once and shared by layers.
-Cost: each step rebuilds the keys and values of the N filled slots, N x (Rk + Rv) x KV x D multiply-adds per
-layer (plus RMSNorm and RoPE), which a dense cache does not pay; the bytes kept and read between steps are the
-latents only. page_topk / block_sparse_prefill policies are refused (they need the KVLatentAttention node).
+  y    = Attention(q, K, Expand(c_v to KV heads) [B, KV, N, Rv], mask [B, 1, S, N], scale, softcap)  [B, H, S, Rv]
+  output = Transpose(y @ v_up_g + v_bias_g) [B, S, H, Dv]
+(RMSNormalization only for k_norm models; the bias adds only where the layer's bias initializers are not all
+zero). Values are never rebuilt: the softmax weights sum to 1, so sum_j p_j (c_v[j] @ v_up + v_bias) =
+(sum_j p_j c_v[j]) @ v_up + v_bias: Attention accumulates the value latents and v_up is applied once per head.
+The mask is `standard_attention`'s rule (causal on slot index, the model's sliding window, a sink_window
+policy) over the N filled slots, built once and shared by layers.
+Cost: each step rebuilds the keys of the N filled slots, N x Rk x KV x D multiply-adds per layer (plus RMSNorm
+and RoPE), which a dense cache does not pay, and copies the value latents once per KV head (Expand); the bytes
+kept and read between steps are the latents only. page_topk / block_sparse_prefill policies are refused (they
+need the KVLatentAttention node).
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ import onnx
 from onnx import TensorProto, helper
 
 from .attention_op import DOMAIN
+from .latent_function_body import _all_zero as all_zero
 from .latent_op import LATENT_OP_TYPE, latent_io
 from .standard_attention import MASK_KEYS, _mask_nodes
 
 RECORD = {"domain": "ai.onnx", "op_type": "Attention", "cache_update": "TensorScatter",
-          "latent_rebuild": "MatMul+RMSNormalization+RotaryEmbedding"}
+          "latent_rebuild": "MatMul+RMSNormalization+RotaryEmbedding", "latent_values": "absorbed"}
 
 
 def _const(name: str, values: list[int], scalar: bool = False) -> onnx.NodeProto:
@@ -67,21 +73,50 @@ def _half_table(table: str, rotary_dim: int) -> tuple[str, list[onnx.NodeProto]]
                  helper.make_node("Slice", [table, "lat_zero1", f"{out}_end", f"{out}_axis"], [out], name=out)]
 
 
-def _rebuild(p: str, latent: str, up: str, bias: str, kv: int, out: str) -> list[onnx.NodeProto]:
-    """`out` [B, N, KV, D] = Slice(latent [B, 1, T, R] to N slots) @ up + bias."""
+def _per_head(p: str, weight: str, kv: int, out: str) -> list[onnx.NodeProto]:
+    """`out` [KV, R, D] from an up projection [R, KV*D] (constant-folded by ONNX Runtime: the inputs are
+    initializers)."""
+    n = helper.make_node
+    return [_const(f"{p}up_shape", [0, kv, -1]),
+            n("Reshape", [weight, f"{p}up_shape"], [f"{p}up3"], name=f"{p}up3"),
+            n("Transpose", [f"{p}up3"], [out], name=f"{p}up_heads", perm=[1, 0, 2])]
+
+
+def _add_bias(p: str, x: str, bias: str | None, kv: int, out: str) -> list[onnx.NodeProto]:
+    """`out` = x [.., KV, N, D] + bias [KV*D] per head (Identity when `bias` is None)."""
+    n = helper.make_node
+    if bias is None:
+        return [n("Identity", [x], [out], name=f"{p}nobias")]
+    return [_const(f"{p}bias_shape", [kv, 1, -1]),
+            n("Reshape", [bias, f"{p}bias_shape"], [f"{p}bias_heads"], name=f"{p}bias_heads"),
+            n("Add", [x, f"{p}bias_heads"], [out], name=f"{p}biased")]
+
+
+def _rebuild(p: str, latent: str, up: str, bias: str | None, kv: int, out: str) -> list[onnx.NodeProto]:
+    """`out` [B, KV, N, D] = Slice(latent [B, 1, T, R] to N slots) @ up_g + bias_g."""
     n = helper.make_node
     return [
         n("Slice", [latent, "lat_zero1", "lat_n1", "lat_axes2"], [f"{p}filled"], name=f"{p}filled"),
-        n("Squeeze", [f"{p}filled", "std_axes1"], [f"{p}c"], name=f"{p}c"),
-        n("MatMul", [f"{p}c", up], [f"{p}lin"], name=f"{p}lin"),
-        n("Add", [f"{p}lin", bias], [f"{p}biased"], name=f"{p}biased"),
-        _const(f"{p}shape", [0, 0, kv, -1]),
-        n("Reshape", [f"{p}biased", f"{p}shape"], [out], name=f"{p}heads"),
+        *_per_head(p, up, kv, f"{p}up_heads"),
+        n("MatMul", [f"{p}filled", f"{p}up_heads"], [f"{p}lin"], name=f"{p}lin"),
+        *_add_bias(p, f"{p}lin", bias, kv, out),
     ]
 
 
+def _all_zero(model: onnx.ModelProto | None, name: str) -> bool:
+    return model is not None and all_zero(model, name)
+
+
+def _rows(model: onnx.ModelProto | None, name: str) -> int | None:
+    """First dim of initializer `name` (None when it is not one)."""
+    for init in (model.graph.initializer if model is not None else []):
+        if init.name == name:
+            return int(init.dims[0])
+    return None
+
+
 def _layer_nodes(node: onnx.NodeProto, attrs: dict[str, Any], mask: str, rotary_dim: int,
-                 tables: dict[str, str]) -> list[onnx.NodeProto]:
+                 tables: dict[str, str], model: onnx.ModelProto | None = None) -> list[onnx.NodeProto]:
     n = helper.make_node
     joint = bool(attrs["joint_kv"])
     x = dict(zip(latent_io(joint)[0], node.input))
@@ -104,7 +139,8 @@ def _layer_nodes(node: onnx.NodeProto, attrs: dict[str, Any], mask: str, rotary_
             nodes += made
     cos, sin = tables[x["rope_cos"]], tables[x["rope_sin"]]
     rope = {"interleaved": 0, **({"rotary_embedding_dim": rotary_dim} if rotary_dim < int(attrs["head_dim"]) else {})}
-    nodes += _rebuild(f"{p}k_", c_k, x["k_up"], x["k_bias"], kv, f"{p}k_heads")
+    has_bias = not (_all_zero(model, x["k_bias"]) and _all_zero(model, x["v_bias"]))
+    nodes += _rebuild(f"{p}k_", c_k, x["k_up"], x["k_bias"] if has_bias else None, kv, f"{p}k_heads")
     keys = f"{p}k_heads"
     if attrs["k_norm_eps"] > 0:
         nodes.append(n("RMSNormalization", [keys, x["k_norm_weight"]], [f"{p}k_normed"], name=f"{p}k_norm",
@@ -112,15 +148,36 @@ def _layer_nodes(node: onnx.NodeProto, attrs: dict[str, Any], mask: str, rotary_
         keys = f"{p}k_normed"
     extra = {"softcap": float(attrs["softcap"])} if attrs["softcap"] > 0 else {}
     nodes += [
-        n("Transpose", [keys], [f"{p}k_bhnd"], name=f"{p}k_bhnd", perm=[0, 2, 1, 3]),
-        n("RotaryEmbedding", [f"{p}k_bhnd", cos, sin, "lat_kpos"], [f"{p}keys"], name=f"{p}k_rope", **rope),
-        *_rebuild(f"{p}v_", c_v, x["v_up"], x["v_bias"], kv, f"{p}v_heads"),
-        n("Transpose", [f"{p}v_heads"], [f"{p}values"], name=f"{p}values", perm=[0, 2, 1, 3]),
+        n("RotaryEmbedding", [keys, cos, sin, "lat_kpos"], [f"{p}keys"], name=f"{p}k_rope", **rope),
         n("RotaryEmbedding", [x["query"], cos, sin, "lat_qpos"], [f"{p}query"], name=f"{p}q_rope", **rope),
-        n("Attention", [f"{p}query", f"{p}keys", f"{p}values", mask], [f"{p}y"], name=f"{p}attention",
-          scale=float(attrs["scale"]), **extra),
-        n("Transpose", [f"{p}y"], [outs["output"]], name=f"{p}output", perm=[0, 2, 1, 3]),
     ]
+    rv = _rows(model, x["v_up"])
+    if rv is None or rv > int(attrs["head_dim"]):  # Attention (TensorRT's too) wants V's head size = D: rebuild
+        nodes += [*_rebuild(f"{p}v_", c_v, x["v_up"], x["v_bias"] if has_bias else None, kv, f"{p}values"),
+                  n("Attention", [f"{p}query", f"{p}keys", f"{p}values", mask], [f"{p}y"], name=f"{p}attention",
+                    scale=float(attrs["scale"]), **extra)]
+    else:
+        # values absorbed: Attention over the value latents (zero-padded to D, once per KV head), then
+        # [B, H, S, Rv] -> [B, KV, G*S, Rv] @ [KV, Rv, Dv] (+ bias) -> [B, H, S, Dv]
+        nodes += [
+            n("Slice", [c_v, "lat_zero1", "lat_n1", "lat_axes2"], [f"{p}v_filled"], name=f"{p}v_filled"),
+            _const(f"{p}v_pads", [0, 0, 0, 0, 0, 0, 0, int(attrs["head_dim"]) - rv]),
+            n("Pad", [f"{p}v_filled", f"{p}v_pads"], [f"{p}v_padded"], name=f"{p}v_padded"),
+            _const(f"{p}v_expand", [1, kv, 1, 1]),
+            n("Expand", [f"{p}v_padded", f"{p}v_expand"], [f"{p}v_latents"], name=f"{p}v_latents"),
+            n("Attention", [f"{p}query", f"{p}keys", f"{p}v_latents", mask], [f"{p}y_pad"], name=f"{p}attention",
+              scale=float(attrs["scale"]), **extra),
+            _const(f"{p}y_rv", [rv]), _const(f"{p}y_axis", [3]),
+            n("Slice", [f"{p}y_pad", "lat_zero1", f"{p}y_rv", f"{p}y_axis"], [f"{p}y_lat"], name=f"{p}y_lat"),
+            _const(f"{p}y_grouped_shape", [0, kv, -1, 0]),
+            n("Reshape", [f"{p}y_lat", f"{p}y_grouped_shape"], [f"{p}y_grouped"], name=f"{p}y_grouped"),
+            *_per_head(f"{p}v_", x["v_up"], kv, f"{p}v_up_heads"),
+            n("MatMul", [f"{p}y_grouped", f"{p}v_up_heads"], [f"{p}y_lin"], name=f"{p}y_lin"),
+            *_add_bias(f"{p}v_", f"{p}y_lin", x["v_bias"] if has_bias else None, kv, f"{p}y_out"),
+            _const(f"{p}y_shape", [0, int(attrs["num_heads"]), -1, 0]),
+            n("Reshape", [f"{p}y_out", f"{p}y_shape"], [f"{p}y"], name=f"{p}y_heads"),
+        ]
+    nodes.append(n("Transpose", [f"{p}y"], [outs["output"]], name=f"{p}output", perm=[0, 2, 1, 3]))
     return nodes
 
 
@@ -138,7 +195,7 @@ def lower_latent_to_standard(model: onnx.ModelProto, rotary_dim: int) -> int:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         key = tuple(int(attrs.get(k, 0)) for k in MASK_KEYS)
         mask = masks.setdefault(key, f"std_mask_{len(masks)}")
-        body += _layer_nodes(node, attrs, mask, rotary_dim, tables)
+        body += _layer_nodes(node, attrs, mask, rotary_dim, tables, model)
     head = _base_nodes() + [m for key, name in masks.items() for m in _mask_nodes(key, name)]
     del model.graph.node[:]
     model.graph.node.extend(head + body)

@@ -12,7 +12,8 @@ stock module). Queries use the stock q projection (+ q_norm) and are rotated wit
 
 Single-token decode goes through the kernel entry point `kvconvert.kernels.latent_decode.latent_decode_step`
 (the Triton kernel on CUDA, its eager reference on the CPU: values accumulated in latent space, v_up applied
-once) whenever its semantics are the module's: no soft-capping, no sliding window, every cached slot visible
+once) whenever its semantics are the module's: the stock attention function (eager / sdpa: not a registered
+one such as kvconvert.sparse's), no soft-capping, no sliding window, every cached slot visible
 (no padding in the mask), slot j at position j, rotate-half RoPE, and k_norm (if any) an RMSNorm x / rms(x) * weight.
 `LatentAttention.decode_kernel = False` turns it off (the rebuild-then-attend path above).
 """
@@ -42,6 +43,9 @@ class RopeTable:
             self._value = self.rotary_emb(like, pos)
             self._key = key
         return self._value
+
+
+STOCK_ATTENTION = ("eager", "sdpa")  # what the decode kernel replaces; a registered one (kvconvert.sparse) is kept
 
 
 def _all_visible(mask, t: int) -> bool:
@@ -163,7 +167,8 @@ class LatentAttention(nn.Module):
         t = c_k.shape[-2]
         end = seen + s
         cos, sin = self._rope[0].upto(end, q)
-        if (self.decode_kernel and self._rotate_half and s == 1 and cache is not None and t == end and self.softcap is None
+        if (self.decode_kernel and self._rotate_half and s == 1
+                and self.config._attn_implementation in STOCK_ATTENTION and cache is not None and t == end and self.softcap is None
                 and self.sliding_window is None and not self.training and self._k_norm_eps() is not None
                 and _all_visible(attention_mask, t)):
             q = self._rotate(q, q, cos[:, seen:end], sin[:, seen:end])[0]
