@@ -150,7 +150,7 @@ class DDP(_Distributed):
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(student, device_ids=ids, broadcast_buffers=False)
+        return DistributedDataParallel(student, device_ids=ids)
 
 
 class FSDP(_Distributed):
