@@ -78,13 +78,30 @@ def _device(cfg: HealPassConfig) -> str:
     return cfg.device
 
 
+def _config_only(model) -> dict[str, Any]:
+    import json
+
+    if isinstance(model, dict):
+        return model
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        path = path / "config.json" if path.is_dir() else path
+        if path.name.endswith(".json") and path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise UserError(f"{path}: not a readable config.json ({exc})") from None
+    return _resolve(model, "student").config_dict()
+
+
 def heal_plan(model, cfg: HealPassConfig, world_size: int | None = None) -> MemoryPlan:
-    """The per-device memory plan of healing `model` with `cfg` on `world_size` processes (default WORLD_SIZE),
-    from its config.json only."""
-    source = _resolve(model, "student")
+    """The per-device memory plan of healing `model` (spec, path, ModelSource, a folder or file holding just
+    config.json, or the config dict) with `cfg` on `world_size` processes (default WORLD_SIZE): arithmetic on
+    config.json, no weights read."""
+    config = _config_only(model)
     world = env_world_size() if world_size is None else world_size
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    return heal_memory_plan(source.config_dict(), world, resolve_mode(cfg.parallel, world), trainable=cfg.trainable,
+    return heal_memory_plan(config, world, resolve_mode(cfg.parallel, world), trainable=cfg.trainable,
                             batch=cfg.batch, seqlen=cfg.seqlen, autocast=cfg.autocast,
                             activation_checkpointing=cfg.activation_checkpointing, kd_chunk=cfg.kd_chunk,
                             device=device, hidden_weight=cfg.hidden_weight)
