@@ -207,7 +207,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, cfg: HealConfig, ca
     `calib`: token ids, an iterable of LongTensor[1, S] (or a callable returning one), e.g. from
     `heal_batches(tokenizer, cfg)`; cycled when shorter than `steps * batch`.
     `parallel`: under torchrun, a `heal_distributed.setup(...)` result; every rank passes the same data and
-    takes its rows of each global batch. FSDP leaves the student sharded in place (`parallel.model_state`
+    takes its rows of each global batch. FSDP leaves the student sharded in place (`parallel.write_checkpoint`
     gathers it); the per-step losses are the global batch's.
     Returns {"losses": [per-step loss], "kd_losses", "seconds": wall time, "steps", "trainable_parameters",
     "teacher_seconds": time in the teacher's forward passes, "tokens"}.

@@ -122,9 +122,29 @@ class Parallel:
     def load_optimizer_state(self, model, opt, state: dict[str, Any]) -> None:
         opt.load_state_dict(state)
 
-    def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The full state dict for writing: on rank 0 (empty elsewhere); a collective for FSDP."""
-        return model.state_dict()
+    def full_tensors(self, model: torch.nn.Module):
+        """(name, full CPU tensor) of `model`'s checkpoint, one tensor at a time (tied duplicates once). Every
+        rank iterates it in the same order (for FSDP each item is an all-gather); rank 0 keeps what it writes."""
+        unique = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        for name, t in model.state_dict().items():
+            if name in unique:
+                yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+
+    def write_checkpoint(self, model, folder, max_shard_size: str) -> None:
+        """Write `model` (its config, generation config and weights, streamed shard by shard) into `folder` on
+        rank 0; every rank must call it (the gathers are collectives). One shard's worth of tensors at most is
+        held on rank 0."""
+        from ..io.writer import ShardedWriter, parse_size
+
+        writer = ShardedWriter(folder, parse_size(max_shard_size)) if self.main else None
+        for name, tensor in self.full_tensors(model):
+            if writer is not None:
+                writer.add(name, tensor)
+        if writer is not None:
+            writer.finish()
+            model.config.save_pretrained(folder)
+            if getattr(model, "generation_config", None) is not None and model.can_generate():
+                model.generation_config.save_pretrained(folder)
 
 
 class _Distributed(Parallel):
@@ -194,10 +214,6 @@ class FSDP(_Distributed):
 
         set_optimizer_state_dict(model, opt, state, options=self._options())
 
-    def model_state(self, model):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        return get_model_state_dict(model, options=self._options(cpu_offload=True))
 
 
 def setup(mode: str, device: str) -> tuple[Parallel, str]:

@@ -10,6 +10,7 @@ checkpoint, the provenance and the resumable state. `heal_plan` is the memory ea
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -169,20 +170,22 @@ def heal_model(model, cfg: HealPassConfig, out, *, calib: CalibrationData | None
               "world_size": par.world_size}
     provenance.add_pass(record, "heal", params, time.perf_counter() - t0,
                         {k: v for k, v in metrics.items() if k != "losses"})
-    full = par.model_state(student) if par.world_size > 1 else None  # gathered on rank 0 (a collective)
-    if par.main:
+    if par.world_size > 1:  # gathered tensor by tensor (collectives on every rank), written by rank 0
+        with (atomic_output_dir(out, overwrite, inputs=(source.path, teacher_src.path)) if par.main
+              else contextlib.nullcontext(None)) as tmp:
+            par.write_checkpoint(student, tmp, cfg.max_shard_size)
+            if par.main:
+                copy_side_files(source.path, tmp, skip=("config.json", "generation_config.json"))
+                provenance.write(tmp, record)
+    else:
         with atomic_output_dir(out, overwrite, inputs=(source.path, teacher_src.path)) as tmp:
-            if full is None:
-                student.to("cpu").save_pretrained(tmp, safe_serialization=True, max_shard_size=cfg.max_shard_size)
-            else:
-                student.save_pretrained(tmp, state_dict=full, safe_serialization=True,
-                                        max_shard_size=cfg.max_shard_size)
+            student.to("cpu").save_pretrained(tmp, safe_serialization=True, max_shard_size=cfg.max_shard_size)
             copy_side_files(source.path, tmp, skip=("config.json", "generation_config.json"))
             provenance.write(tmp, record)
+    if par.main:
         if states.is_dir():  # written by this heal only: its state file and nothing else
             (states / "heal-state.pt").unlink(missing_ok=True)
             if not any(states.iterdir()):
                 states.rmdir()
-    del full
     par.barrier()
     return PassResult(Path(out).resolve(), metrics, record)
