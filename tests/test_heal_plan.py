@@ -51,6 +51,9 @@ def test_plan_scales_with_world_size_and_settings():
     assert every.trainable == every.parameters and every.total > fsdp.total
     cpu, gpu = (heal_memory_plan(LLAMA2_7B, 1, "none", device=d) for d in ("cpu", "cuda"))
     assert cpu.teacher == 4 * cpu.parameters and gpu.teacher == 2 * gpu.parameters  # as the pass loads it
+    gqa = {**LLAMA2_7B, "num_key_value_heads": 8}  # a GQA student of the MHA teacher
+    mixed = heal_memory_plan(gqa, 1, "none", teacher=LLAMA2_7B)
+    assert mixed.parameters == gpu.parameters - 32 * 2 * 4096 * (4096 - 1024) and mixed.teacher == gpu.teacher
 
 
 def test_cli_plan_reads_only_config_json(cli, tmp_path):

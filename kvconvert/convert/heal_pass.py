@@ -100,12 +100,16 @@ def heal_plan(model, cfg: HealPassConfig, world_size: int | None = None) -> Memo
     config.json, or the config dict) with `cfg` on `world_size` processes (default WORLD_SIZE): arithmetic on
     config.json, no weights read."""
     config = _config_only(model)
+    try:
+        teacher = _config_only(cfg.teacher)
+    except UserError:  # a teacher that does not resolve here: planned as large as the student
+        teacher = None
     world = env_world_size() if world_size is None else world_size
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     return heal_memory_plan(config, world, resolve_mode(cfg.parallel, world), trainable=cfg.trainable,
                             batch=cfg.batch, seqlen=cfg.seqlen, autocast=cfg.autocast,
                             activation_checkpointing=cfg.activation_checkpointing, kd_chunk=cfg.kd_chunk,
-                            device=device, hidden_weight=cfg.hidden_weight)
+                            device=device, hidden_weight=cfg.hidden_weight, teacher=teacher)
 
 
 def state_folder(out) -> Path:

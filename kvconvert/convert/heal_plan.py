@@ -90,13 +90,15 @@ class MemoryPlan:
 def heal_memory_plan(config: dict[str, Any], world_size: int = 1, parallel: str = "none", *,
                      trainable: str = "attention", batch: int = 2, seqlen: int = 256, autocast: str = "none",
                      activation_checkpointing: bool = False, kd_chunk: int = 0, device: str = "cuda",
-                     hidden_weight: float = 0.0) -> MemoryPlan:
-    """Per-device memory of a heal of the model `config` (a config.json dict) with these settings."""
+                     hidden_weight: float = 0.0, teacher: dict[str, Any] | None = None) -> MemoryPlan:
+    """Per-device memory of a heal of the model `config` (a config.json dict) with these settings; `teacher`:
+    the teacher's config.json (default: the same size as the student)."""
     if world_size < 1:
         raise UserError(f"world size {world_size}: must be at least 1")
     if parallel not in ("none", "ddp", "fsdp"):
         raise UserError(f"parallel '{parallel}': use none, ddp or fsdp")
     counts = parameter_counts(config)
+    t_counts = parameter_counts(teacher) if teacher is not None else counts
     n, n_train = counts["total"], counts["total"] if trainable == "all" else counts["attention"]
     shard = world_size if parallel == "fsdp" else 1
     teacher_bytes = 2 if device.startswith("cuda") else 4
@@ -112,7 +114,7 @@ def heal_memory_plan(config: dict[str, Any], world_size: int = 1, parallel: str 
         kept += (layers + 1) * tokens * h * teacher_bytes  # the teacher's hidden states
     logits = tokens * vocab * (2 * act_bytes + teacher_bytes)
     kd = (min(kd_chunk, tokens) if kd_chunk > 0 else tokens) * vocab * 4 * 3
-    gathered = counts["layer"] * (4 + teacher_bytes) if parallel == "fsdp" and world_size > 1 else 0
+    gathered = (counts["layer"] * 4 + t_counts["layer"] * teacher_bytes) if parallel == "fsdp" and world_size > 1 else 0
     return MemoryPlan(parameters=n, trainable=n_train, world_size=world_size, parallel=parallel,
                       params=4 * n / shard, grads=4 * n_train / shard, optimizer=8 * n_train / shard,
-                      teacher=teacher_bytes * n / shard, activations=float(kept + logits + kd + gathered))
+                      teacher=teacher_bytes * t_counts["total"] / shard, activations=float(kept + logits + kd + gathered))
