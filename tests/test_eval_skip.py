@@ -34,9 +34,9 @@ def test_tokenizer_flag_evaluates_a_tokenizerless_checkpoint(tmp_path, cli, tiny
 
 
 def test_no_room_skips_the_evaluation_not_the_pass(tmp_path, cli, tiny_folder, monkeypatch):
-    import kvconvert.convert.placement as placement
+    import kvconvert.resources as resources
 
-    monkeypatch.setattr(placement, "available_ram", lambda: 1000)
+    monkeypatch.setattr(resources, "available_ram", lambda: 1000)
     out = tmp_path / "g2"
     code, stdout, err = cli("mha-to-gqa", tiny_folder("llama"), "--groups", "2", "--out", out, "-q")
     assert code == 0, err
@@ -66,9 +66,9 @@ def test_library_evaluate_is_pass_shaped(tiny_folder, tmp_path):
 
 
 def test_needle_states_its_ram_and_refuses_up_front(tiny_folder, tmp_path, cli, monkeypatch):
-    import kvconvert.convert.placement as placement
+    import kvconvert.resources as resources
 
-    monkeypatch.setattr(placement, "available_ram", lambda: 1000)
+    monkeypatch.setattr(resources, "available_ram", lambda: 1000)
     code, _, err = cli("eval", tiny_folder("llama"), "--needle", "--lengths", "64", "--plot", tmp_path / "n.png")
     assert code == 2 and "GiB of RAM" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "n.png").exists()
