@@ -29,6 +29,27 @@ def tile_update(q, k, v, valid, m_i, l_i, acc, scale, DOT_F32: tl.constexpr):
     return m_new, l_i, acc
 
 
+@triton.jit
+def visible(pos, t, sliding, sink, window):
+    """Which slots `pos` a query at position t attends to: causal (pos <= t), within the model's sliding window
+    when `sliding` > 0, and under a sink + recent-window policy when `window` > 0 (pos < sink or t - pos < window)."""
+    ok = pos <= t
+    if sliding > 0:
+        ok = ok & (pos > t - sliding)
+    if window > 0:
+        ok = ok & ((pos < sink) | (t - pos < window))
+    return ok
+
+
+@triton.jit
+def store_partials(MP, LP, AP, part, rows, cols, m_i, l_i, acc, BLOCK_G: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Split-KV partial `part`: running max m_i [BLOCK_G], denominator l_i [BLOCK_G] and unnormalised acc
+    [BLOCK_G, BLOCK_W], in the layout `_combine_kernel` reads (MP/LP [parts, BLOCK_G], AP [parts, BLOCK_G, BLOCK_W])."""
+    tl.store(MP + part * BLOCK_G + rows, m_i)
+    tl.store(LP + part * BLOCK_G + rows, l_i)
+    tl.store(AP + (part * BLOCK_G + rows[:, None]) * BLOCK_W + cols[None, :], acc)
+
+
 def dot_f32(dtype: torch.dtype) -> bool:
     """fp32 inputs (and every input under the interpreter) use exact fp32 dots; fp16/bf16 use native dots."""
     return interpreting() or dtype == torch.float32

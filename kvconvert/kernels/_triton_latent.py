@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import block, dot_f32, num_warps, tile_update
+from ._triton_common import block, dot_f32, num_warps, store_partials, tile_update
 from ._triton_decode import _combine_kernel, _default_splits
 
 
@@ -90,10 +90,7 @@ def _latent_decode_kernel(
         v = tl.load(CV + b * scvb + pos[:, None] * scvt + rv[None, :], mask=ok[:, None] & rv_ok[None, :], other=0.0)
         m_i, l_i, acc = tile_update(q, k.to(q.dtype), v, ok[None, :], m_i, l_i, acc, scale, DOT_F32)
     if SPLIT:
-        part = bh * num_splits + split
-        tl.store(MP + part * BLOCK_G + rows, m_i)
-        tl.store(LP + part * BLOCK_G + rows, l_i)
-        tl.store(AP + (part * BLOCK_G + rows[:, None]) * BLOCK_RV + rv[None, :], acc)
+        store_partials(MP, LP, AP, bh * num_splits + split, rows, rv, m_i, l_i, acc, BLOCK_G, BLOCK_RV)
     else:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(OUT + b * sob + (g * G + rows[:, None]) * soh + rv[None, :], out, mask=row_ok[:, None] & rv_ok[None, :])
