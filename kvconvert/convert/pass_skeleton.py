@@ -64,16 +64,17 @@ class PassRun:
 
     @classmethod
     def start(cls, name: str, model, params: dict[str, Any], out, overwrite: bool | str = False, *,
-              check: Callable[[ModelSource, AttentionView], None] | None = None, extra_inputs: tuple = (),
+              check: Callable[[ModelSource, AttentionView], Any] | None = None, extra_inputs: tuple = (),
               source_name: str | None = None) -> PassRun:
-        """Resolve the source, run the pass's `check(source, view)`, then refuse an output folder it may not write."""
+        """Resolve the source, run the pass's `check(source, view)`, then refuse an output folder it may not write.
+
+        `check` may return more input folders (a teacher it resolved): the output may overlap none of them."""
         t0 = time.perf_counter()
         source = as_source(model, source_name)
         config = source.config_dict()
         view = describe(config)
-        if check is not None:
-            check(source, view)
-        inputs = (source.path, *(Path(p) for p in extra_inputs))
+        named = check(source, view) if check is not None else None
+        inputs = (source.path, *(Path(p) for p in (*extra_inputs, *(named or ()))))
         check_target(out, overwrite, inputs, kind=KIND_OF_PASS.get(name))
         return cls(name, source, Path(out), params, overwrite, inputs, t0, config, view)
 
