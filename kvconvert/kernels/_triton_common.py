@@ -30,6 +30,21 @@ def tile_update(q, k, v, valid, m_i, l_i, acc, scale, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def group_queries(Q, b, g, sqb, sqh, rows, dims, row_ok, dim_ok, G: tl.constexpr):
+    """Queries [BLOCK_G, BLOCK_D] of the G query heads sharing KV head g of sequence b (zeros past G and D)."""
+    return tl.load(Q + b * sqb + (g * G + rows[:, None]) * sqh + dims[None, :],
+                   mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+
+@triton.jit
+def split_pages(CNT, b, g, scb, sch, split, pages_per_split):
+    """[start, stop) of the selected-page ranks that split-KV program `split` reads for (b, g)."""
+    count = tl.load(CNT + b * scb + g * sch)
+    start = split * pages_per_split
+    return start, tl.minimum(start + pages_per_split, count)
+
+
+@triton.jit
 def visible(pos, t, sliding, sink, window):
     """Which slots `pos` a query at position t attends to: causal (pos <= t), within the model's sliding window
     when `sliding` > 0, and under a sink + recent-window policy when `window` > 0 (pos < sink or t - pos < window)."""

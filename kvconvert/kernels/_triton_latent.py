@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import block, dot_f32, num_warps, store_partials, tile_update
+from ._triton_common import block, dot_f32, group_queries, num_warps, split_pages, store_partials, tile_update
 from ._triton_decode import _combine_kernel, _default_splits
 
 
@@ -41,16 +41,13 @@ def _latent_decode_kernel(
     row_ok = rows < G
     dim_ok = dims < D
     rv_ok = rv < RV
-    q = tl.load(Q + b * sqb + (g * G + rows[:, None]) * sqh + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = group_queries(Q, b, g, sqb, sqh, rows, dims, row_ok, dim_ok, G)
     kb = tl.load(KB + g * D + dims, mask=dim_ok, other=0.0)
     kb_r = tl.load(KBR + g * D + dims, mask=dim_ok, other=0.0)
     kw = tl.load(KW + dims, mask=dim_ok, other=0.0)
     kw_r = tl.load(KWR + dims, mask=dim_ok, other=0.0)
     seq_len = tl.load(SEQ + b)
-    count = tl.load(CNT + b * scb + g * sch)
-    start = split * pages_per_split
-    stop = tl.minimum(start + pages_per_split, count)
+    start, stop = split_pages(CNT, b, g, scb, sch, split, pages_per_split)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_RV], tl.float32)
