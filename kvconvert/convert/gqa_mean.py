@@ -51,9 +51,21 @@ def merge_error(x: torch.Tensor) -> float:
     return float((x - x.mean(0)).pow(2).sum() / x.pow(2).sum().clamp_min(1e-30))
 
 
+def rotation_2x2(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The rotation R [..., 2, 2] minimising ||R a - ref||_F (a, ref: [..., 2, n]) in closed form: with
+    N = a ref^T, tr(R N) = cos t (N00 + N11) + sin t (N01 - N10) is largest at t = atan2(N01 - N10, N00 + N11)
+    (what the SVD solution gives, without thousands of tiny LAPACK calls)."""
+    n = a @ ref.transpose(-1, -2)
+    t = torch.atan2(n[..., 0, 1] - n[..., 1, 0], n[..., 0, 0] + n[..., 1, 1])
+    c, s = torch.cos(t), torch.sin(t)
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
+
 def procrustes(a: torch.Tensor, ref: torch.Tensor, proper: bool) -> torch.Tensor:
     """Orthogonal R [..., k, k] minimising ||R a - ref||_F (a, ref: [..., k, n], batched);
     `proper`: det R = +1 (a rotation)."""
+    if proper and a.shape[-2] == 2:
+        return rotation_2x2(a, ref)
     u, _, vh = torch.linalg.svd(ref @ a.transpose(-1, -2))
     if proper:
         sign = torch.linalg.det(u @ vh).sign()
