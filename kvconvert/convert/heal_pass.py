@@ -20,6 +20,7 @@ import torch
 
 from ..data.calibration import CalibrationData, iterate
 from ..errors import UserError
+from ..io.writer import parse_size
 from ..eval.evaluate import EvalConfig
 from .heal import HealConfig, heal, heal_batches
 from .heal_distributed import ParallelMode, env_world_size, resolve_mode, setup
@@ -183,7 +184,8 @@ def heal_model(model, cfg: HealPassConfig, out, *, calib: CalibrationData | None
                 provenance.write(tmp, record)
     else:
         with atomic_output_dir(out, overwrite, inputs=(source.path, teacher_src.path)) as tmp:
-            student.to("cpu").save_pretrained(tmp, safe_serialization=True, max_shard_size=cfg.max_shard_size)
+            student.to("cpu").save_pretrained(tmp, safe_serialization=True,
+                                                max_shard_size=parse_size(cfg.max_shard_size))
             copy_side_files(source.path, tmp, skip=("config.json", "generation_config.json"))
             provenance.write(tmp, record)
     if par.main:
