@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 SETTINGS = {  # name -> HealConfig fields; "old" is what the demo and this benchmark used before issue 14
     "old": dict(steps=50, lr=5e-4, seqlen=256, batch=2, trainable="attention"),
-    "new": dict(steps=40, lr=2e-3, seqlen=512, batch=1, trainable="attention", hidden_weight=1.0, warmup=2),
+    "new": dict(steps=80, lr=1e-3, seqlen=512, batch=1, trainable="attention", hidden_weight=1.0, warmup=4),
 }
 
 

@@ -6,7 +6,8 @@
    (32 layers, hidden 4096, 32 heads = 32 KV heads, intermediate 11008) in two shards (~10 + ~3.6 GB) with
    SmolLM2's tokenizer into `~/.cache/kvconvert/bench/llama7b-mha/`. The vocabulary is SmolLM2's (49152, not
    Llama-2's 32000) so that every token id the tokenizer produces exists in the embedding.
-2. Runs each pass in its own process under `/usr/bin/time -v` (wall time, peak RSS, exit code), with `nice`.
+2. Runs each pass in its own process under `/usr/bin/time -v` (wall time, peak RSS, exit code); `--nice N`
+   lowers the passes' priority when the machine is shared.
 3. Times a plain copy of the checkpoint's bytes in the same run (the physical limit of the streaming
    conversion) and prints the table (also `--json`), with the machine load.
 """
@@ -114,12 +115,12 @@ def write_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def _timed(cmd: list[str], log: Path) -> dict:
-    """Run `cmd` under /usr/bin/time -v (nice): wall seconds, peak RSS, exit code, last output line."""
+def _timed(cmd: list[str], log: Path, nice: int = 0) -> dict:
+    """Run `cmd` under /usr/bin/time -v: wall seconds, peak RSS, exit code, last output line."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(["nice", "/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(["nice", "-n", str(nice), "/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT, env=env)
     wall = time.perf_counter() - t0
     text = log.read_text(errors="replace")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
@@ -146,7 +147,8 @@ def plain_copy(src: Path, dst: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "kvconvert" / "bench")
-    ap.add_argument("--only", default="write,copy,gqa-mean,gqa-calibrated,fit-latent,eval,onnx")
+    ap.add_argument("--only", default="write,copy,gqa-stream,gqa-convert,gqa-mean,gqa-calibrated,fit-latent,eval,onnx")
+    ap.add_argument("--nice", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -159,6 +161,11 @@ def main() -> None:
     py = [sys.executable, "-m", "kvconvert"]
     g8, cal, lat, onnx = work / "g8", work / "g8-calibrated", work / "g8-latent", work / "g8-onnx"
     runs = {
+        "gqa-stream": ("mha-to-gqa --groups 8 --no-eval --grouping consecutive --no-align (streaming only)",
+                       [*py, "mha-to-gqa", str(src), "--groups", "8", "--out", str(work / "g8-plain"), "--overwrite",
+                        "--no-eval", "--grouping", "consecutive", "--no-align"]),
+        "gqa-convert": ("mha-to-gqa --groups 8 --no-eval (streaming part)",
+                        [*py, "mha-to-gqa", str(src), "--groups", "8", "--out", str(g8), "--overwrite", "--no-eval"]),
         "gqa-mean": ("mha-to-gqa --groups 8 (defaults, eval included)",
                      [*py, "mha-to-gqa", str(src), "--groups", "8", "--out", str(g8), "--overwrite",
                       "--device", args.device]),
@@ -172,7 +179,7 @@ def main() -> None:
         "onnx": ("export onnx --dtype fp16", [*py, "export", "onnx", str(g8), "--dtype", "fp16", "--out", str(onnx),
                                                "--overwrite"]),
     }
-    order = ["gqa-mean", "onnx", "eval", "gqa-calibrated", "fit-latent"]
+    order = ["gqa-stream", "gqa-convert", "gqa-mean", "onnx", "eval", "gqa-calibrated", "fit-latent"]
     runs = {k: runs[k] for k in order}
     partial = args.json or (work / "results.json")
     results: dict[str, dict] = json.loads(partial.read_text()).get("results", {}) if partial.is_file() else {}
@@ -183,7 +190,7 @@ def main() -> None:
     for key, (label, cmd) in runs.items():
         if key in steps:
             print(f"running {label} ...", flush=True)
-            results[key] = {"label": label, **_timed(cmd, work / f"{key}.log")}
+            results[key] = {"label": label, **_timed(cmd, work / f"{key}.log", args.nice)}
             partial.write_text(json.dumps({"results": results}, indent=2))
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"\nmachine: {os.cpu_count()} cores; {load}")
@@ -191,6 +198,10 @@ def main() -> None:
     print(f"{'pass':<52}{'rc':>4}{'wall s':>10}{'peak RSS GB':>13}")
     for r in results.values():
         print(f"{r['label']:<52}{r['rc']:>4}{r['seconds']:>10}{str(r.get('peak_rss_gb', '-')):>13}")
+    for key in ("gqa-stream", "gqa-convert"):
+        if "copy" in results and key in results:
+            ratio = results["copy"]["seconds"] / results[key]["seconds"]
+            print(f"{key}: {ratio:.2f}x the plain copy's speed (same bytes, same run)")
     for key, r in results.items():
         if r.get("last_line") and key != "copy":
             print(f"  {key}: {r['last_line']}")

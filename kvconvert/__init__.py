@@ -4,7 +4,7 @@ Every pass is one call of one shape, `kvconvert.<pass>(model, cfg, out, ...) -> 
 `mha_to_gqa` (`GQAConfig`), `fit_latent` (`LatentConfig`), `heal_model` (`HealPassConfig`), `evaluate`
 (`EvalConfig`), `export_onnx` (`OnnxExportConfig`), `export_engine` (`EngineConfig`), `export_triton`
 (`TritonRepoConfig`); beside them `sparse(model, policy)`, `load_latent(path)`, `resolve_source(spec)` and
-`describe(config)`. Each name is imported on first use, so `import kvconvert` loads neither torch nor
+`describe(config)` and `heal_memory_plan(config, world_size, parallel)`. Each name is imported on first use, so `import kvconvert` loads neither torch nor
 transformers, ONNX or TensorRT. The `kvconvert_latent` model type is registered with transformers' Auto
 classes when transformers is imported (at once if it already is), so `AutoModelForCausalLM.from_pretrained`
 loads a fit-latent folder after `import kvconvert`.
@@ -23,6 +23,7 @@ _LAZY = {
     "LatentConfig": "kvconvert.convert.latent",
     "heal_model": "kvconvert.convert.heal_pass",
     "HealPassConfig": "kvconvert.convert.heal_pass",
+    "heal_memory_plan": "kvconvert.convert.heal_plan",
     "evaluate": "kvconvert.eval.evaluate",
     "EvalConfig": "kvconvert.eval.evaluate",
     "export_onnx": "kvconvert.export.onnx",

@@ -34,9 +34,9 @@ def test_tokenizer_flag_evaluates_a_tokenizerless_checkpoint(tmp_path, cli, tiny
 
 
 def test_no_room_skips_the_evaluation_not_the_pass(tmp_path, cli, tiny_folder, monkeypatch):
-    import kvconvert.convert.placement as placement
+    import kvconvert.resources as resources
 
-    monkeypatch.setattr(placement, "available_ram", lambda: 1000)
+    monkeypatch.setattr(resources, "available_ram", lambda: 1000)
     out = tmp_path / "g2"
     code, stdout, err = cli("mha-to-gqa", tiny_folder("llama"), "--groups", "2", "--out", out, "-q")
     assert code == 0, err
@@ -66,9 +66,26 @@ def test_library_evaluate_is_pass_shaped(tiny_folder, tmp_path):
 
 
 def test_needle_states_its_ram_and_refuses_up_front(tiny_folder, tmp_path, cli, monkeypatch):
-    import kvconvert.convert.placement as placement
+    import kvconvert.resources as resources
 
-    monkeypatch.setattr(placement, "available_ram", lambda: 1000)
+    monkeypatch.setattr(resources, "available_ram", lambda: 1000)
     code, _, err = cli("eval", tiny_folder("llama"), "--needle", "--lengths", "64", "--plot", tmp_path / "n.png")
     assert code == 2 and "GiB of RAM" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "n.png").exists()
+
+
+def test_evaluated_output_keeps_its_file_listing_so_overwrite_replaces_it(tmp_path, tiny_folder):
+    """The evaluation rewrites kvconvert.json after the folder is in place; its `output` listing must survive."""
+    from kvconvert.convert.gqa import GQAConfig, mha_to_gqa
+    from kvconvert.eval.evaluate import EvalConfig
+
+    out = tmp_path / "g2"
+    cfg = GQAConfig(groups=2, eval=EvalConfig(max_tokens=128, chunk=64))
+    res = mha_to_gqa(tiny_folder("llama"), cfg, out, progress=False)
+    record = json.loads((out / "kvconvert.json").read_text())
+    assert "eval" in record["metrics"]
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"kvconvert.json"}
+    assert set(record["output"]["files"]) == files and record["output"]["kind"] == "checkpoint"
+    assert res.record["output"] == record["output"]
+    again = mha_to_gqa(tiny_folder("llama"), cfg, out, overwrite=True, progress=False)
+    assert "eval" in again.metrics and (out / "config.json").is_file()

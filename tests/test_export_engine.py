@@ -118,6 +118,18 @@ def test_missing_backend_gives_install_hint(tiny_onnx, tmp_path, monkeypatch):
     assert not (tmp_path / "eng").exists()
 
 
+def test_engine_that_cannot_fit_the_ram_is_refused_before_tensorrt_loads(cli, tiny_onnx, tmp_path, monkeypatch):
+    import sys
+
+    from kvconvert.export.onnx import footprint
+
+    monkeypatch.setattr(footprint, "ENGINE_RAM_COPIES", 2**40)  # any RAM is too little
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)  # importing the backend would fail differently
+    code, _, err = cli("export", "engine", tiny_onnx, "--out", tmp_path / "eng")
+    assert code == 2 and "RAM" in err and "trtexec" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "eng").exists()
+
+
 def test_onnx_without_metadata_is_refused(tiny_onnx, tmp_path):
     import onnx
 

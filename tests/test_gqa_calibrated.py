@@ -132,9 +132,9 @@ def test_max_memory_flag_must_be_dev_equals_size(cli, tiny_folder, tmp_path):
 
 
 def test_reference_larger_than_ram_is_refused_with_the_offload_hint(cli, tiny_folder, tmp_path, monkeypatch):
-    import kvconvert.convert.placement as placement
+    import kvconvert.resources as resources
 
-    monkeypatch.setattr(placement, "available_ram", lambda: 1000)
+    monkeypatch.setattr(resources, "available_ram", lambda: 1000)
     code, _, err = cli("mha-to-gqa", str(tiny_folder("llama", 2)), "--groups", "1", "--method", "calibrated",
                        "--heal-steps", "2", "--out", str(tmp_path / "o"))
     line = err.strip().splitlines()[-1]

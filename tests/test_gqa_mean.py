@@ -202,3 +202,17 @@ def test_smollm2_permuted_mha_recovers_perplexity(smollm2_source, tmp_path):
                           chunk=256, max_tokens=512)
 
     assert ppl(res.out) == pytest.approx(ppl(smollm2_source.path), rel=1e-3)
+
+
+def test_closed_form_2x2_rotation_is_the_procrustes_optimum():
+    from kvconvert.convert.gqa_mean import rotation_2x2
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 16, 2, 50, generator=g, dtype=torch.float64)
+    ref = torch.randn(16, 2, 50, generator=g, dtype=torch.float64)
+    u, _, vh = torch.linalg.svd(ref @ a.transpose(-1, -2))
+    sign = torch.linalg.det(u @ vh).sign()
+    svd = torch.cat([u[..., :-1], u[..., -1:] * sign[..., None, None]], dim=-1) @ vh
+    got = rotation_2x2(a, ref)
+    torch.testing.assert_close(got, svd, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(torch.linalg.det(got), torch.ones(4, 16, dtype=torch.float64))

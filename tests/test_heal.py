@@ -105,3 +105,52 @@ def test_interrupted_heal_resumes_to_the_same_weights(tmp_path):
     with pytest.raises(UserError, match="other settings"):
         heal(copy.deepcopy(student), teacher, cfg.merged({"lr": 1e-3}), calib=data, progress=False,
              state_dir=tmp_path, resume=True)
+
+
+def test_activation_checkpointing_and_chunked_loss_keep_the_losses():
+    """Recomputing each decoder layer in backward (and the chunked KD loss) changes no loss and no update."""
+    from kvconvert.convert.heal_distributed import decoder_layers
+
+    student, teacher = _pair()
+    data = [torch.randint(3, 150, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    cfg = HealConfig(steps=4, lr=3e-3, batch=2, seqlen=32, hidden_weight=0.5)
+    plain_model = copy.deepcopy(student)
+    plain = heal(plain_model, teacher, cfg, calib=data, progress=False)
+    for merged in ({"activation_checkpointing": True}, {"activation_checkpointing": True, "kd_chunk": 7}):
+        model = copy.deepcopy(student)
+        out = heal(model, teacher, cfg.merged(merged), calib=data, progress=False)
+        assert out["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+        for (n, a), b in zip(plain_model.named_parameters(), model.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
+        assert all("forward" not in layer.__dict__ for layer in decoder_layers(model))  # patch removed
+    assert len(decoder_layers(student)) == student.config.num_hidden_layers
+
+
+def test_checkpointing_recomputes_in_backward():
+    """With activation checkpointing each decoder layer runs twice per step (forward, then again in backward)."""
+    from kvconvert.convert.heal_distributed import decoder_layers
+
+    student, teacher = _pair()
+    calls = []
+    layer = decoder_layers(student)[0]
+    layer.self_attn.register_forward_pre_hook(lambda *a: calls.append(1))  # (early stop may skip post-hooks)
+    data = [torch.randint(3, 150, (1, 32))]
+    heal(student, teacher, HealConfig(steps=1, batch=1, seqlen=32), calib=data, progress=False)
+    assert len(calls) == 1
+    heal(student, teacher, HealConfig(steps=1, batch=1, seqlen=32, activation_checkpointing=True), calib=data,
+         progress=False)
+    assert len(calls) == 3
+
+
+def test_bf16_autocast_heals_with_fp32_master_weights():
+    student, teacher = _pair()
+    data = [torch.randint(3, 150, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    cfg = HealConfig(steps=10, lr=3e-3, batch=2, seqlen=32)
+    ref = heal(copy.deepcopy(student), teacher, cfg, calib=data, progress=False)
+    out = heal(student, teacher, cfg.merged({"autocast": "bf16"}), calib=data, progress=False)
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert out["losses"][0] == pytest.approx(ref["losses"][0], rel=5e-2)
+    assert out["losses"][0] != ref["losses"][0]  # the forward really ran in bf16
+    assert out["losses"][-1] < 0.8 * out["losses"][0]
+    with pytest.raises(UserError, match="autocast"):
+        HealConfig.parse({"autocast": "fp8"})

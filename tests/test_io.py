@@ -29,6 +29,15 @@ def test_sharded_writer_roundtrip_loads_in_transformers(tmp_path, tiny_folder):
     assert not list(tmp_path.glob(".out.kvconvert-tmp-*"))
 
 
+def test_parse_size_reads_units_as_transformers_does():
+    """One size string means one size in every writer: GB is 10**9 (as `save_pretrained` reads it), GiB 2**30."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    for text in ("5GB", "500MB", "40KB", "2GiB", "300MiB", "7KiB", "2gib"):
+        assert parse_size(text) == convert_file_size_to_int(text), text
+    assert parse_size("1GiB") == 2**30 and parse_size("1GB") == 10**9 and parse_size(123) == 123
+
+
 def test_sharded_source_streams_each_shard(tiny_folder):
     src = resolve_source(tiny_folder("qwen2", max_shard_size="30KB"))
     assert len(src.weight_files) > 1

@@ -187,9 +187,9 @@ def test_fisher_equals_outer_products_of_plain_autograd_gradients():
 
 def test_fit_latent_larger_than_ram_is_refused_up_front(tiny_folder, tmp_path, cli, monkeypatch):
     """Only healing holds the whole model now (the fit runs layer by layer, tests/test_layerwise_passes.py)."""
-    import kvconvert.convert.placement as placement
+    import kvconvert.resources as resources
 
-    monkeypatch.setattr(placement, "available_ram", lambda: 1000)
+    monkeypatch.setattr(resources, "available_ram", lambda: 1000)
     code, _, err = cli("fit-latent", str(tiny_folder("llama")), "--kv-ratio", "0.5", "--heal-steps", "1",
                        "--out", str(tmp_path / "o"))
     line = err.strip().splitlines()[-1]  # (the tiny model's own writing progress may come first)

@@ -4,29 +4,14 @@ KVLatentAttention op's reference. Interpreter cases stay small: the interpreter 
 
 import pytest
 import torch
+from latent_cases import rope_table, topk_pages
 
 import kvconvert
 from kvconvert.convert.latent import LatentConfig, fit_latent
 from kvconvert.export.onnx.latent_op import kv_latent_attention_reference, latent_node_attributes, rotate
-from kvconvert.kernels import (
-    LatentWeights,
-    latent_decode,
-    latent_decode_reference,
-    page_summaries,
-    score_pages,
-    select_pages,
-    sink_window_pages,
-)
-from kvconvert.kernels.latent_decode import rebuild_keys
+from kvconvert.kernels import LatentWeights, latent_decode, latent_decode_reference, sink_window_pages
 
 B, H, KV, D, RK, RV, L = 2, 4, 2, 16, 12, 20, 40
-
-
-def rope_table(length, dim, rotary):
-    inv = 1.0 / (10000 ** (torch.arange(0, rotary, 2).float() / rotary))
-    emb = torch.arange(length)[:, None].float() * inv
-    emb = torch.cat([emb, emb], -1)
-    return emb.cos(), emb.sin()
 
 
 def random_case(joint, norm, bias, rotary=D, dtype=torch.float32, seed=0):
@@ -34,7 +19,7 @@ def random_case(joint, norm, bias, rotary=D, dtype=torch.float32, seed=0):
     rv = RK if joint else RV
     c_k = torch.randn(B, 1, L, RK, generator=g).to(dtype)
     c_v = c_k if joint else torch.randn(B, 1, L, RV, generator=g).to(dtype)
-    cos, sin = rope_table(L, D, rotary)
+    cos, sin = rope_table(L, rotary)
     w = LatentWeights(KV, (torch.randn(RK, KV * D, generator=g) / 3).to(dtype),
                       (torch.randn(rv, KV * D, generator=g) / 3).to(dtype), cos.to(dtype), sin.to(dtype),
                       torch.randn(KV * D, generator=g).to(dtype) if bias else None,
@@ -51,9 +36,7 @@ def selection(kind, q, c_k, w, lens, page):
     if kind == "sink_window":
         sel = sink_window_pages(lens, 3, 7, page, w.num_kv_heads)
         return sel.counts, sel.indices, 3, 7
-    keys = rebuild_keys(c_k[:, 0], w, torch.arange(c_k.shape[2])[None].expand(len(lens), -1))
-    kmin, kmax = page_summaries(keys, lens, page)
-    sel = select_pages(score_pages(q.float(), kmin, kmax), lens, page, 2, 1, 1)
+    sel = topk_pages(q.float(), c_k, w, lens, page, 2, 1, 1)
     assert int(sel.counts.min()) < int(((lens.long() + page - 1) // page).max())  # pages really skipped
     return sel.counts, sel.indices, 0, 0
 
@@ -176,10 +159,8 @@ def our_decode(m, xs, fn, kind="dense", page=16):
     if kind == "sink_window":
         counts, indices, sink, window = selection(kind, q, c_k, w, lens, page)
     elif kind == "page_topk":
-        keys = rebuild_keys(c_k[:, 0], w, torch.arange(lmax)[None].expand(len(xs), -1))
-        kmin, kmax = page_summaries(keys, lens, page)
         keep = (((lens.long() + page - 1) // page).float() * 0.25).ceil().long()
-        sel = select_pages(score_pages(q, kmin, kmax), lens, page, keep, 1, 1)
+        sel = topk_pages(q, c_k, w, lens, page, keep, 1, 1)
         counts, indices = sel.counts, sel.indices
     out = fn(q, c_k, c_v, lens, w, counts, indices, page, sink, window, scale=m.scaling)
     return m.o_proj(out.reshape(len(xs), -1))
@@ -219,14 +200,12 @@ def test_kernel_wide_rank_and_pages_longer_than_a_tile():
     g = torch.Generator().manual_seed(5)
     rk, rv, length, d = 80, 24, 150, 16
     c_k, c_v = torch.randn(2, 1, length, rk, generator=g), torch.randn(2, 1, length, rv, generator=g)
-    cos, sin = rope_table(length, d, d)
+    cos, sin = rope_table(length, d)
     w = LatentWeights(KV, torch.randn(rk, KV * d, generator=g) / 5, torch.randn(rv, KV * d, generator=g) / 3, cos, sin,
                       torch.randn(KV * d, generator=g), None, torch.rand(d, generator=g) + 0.5, 1e-6)
     q = torch.randn(2, H, d, generator=g)
     lens = torch.tensor([length, 70], dtype=torch.int32)
-    keys = rebuild_keys(c_k[:, 0], w, torch.arange(length)[None].expand(2, -1))
-    kmin, kmax = page_summaries(keys, lens, 64)
-    sel = select_pages(score_pages(q, kmin, kmax), lens, 64, 2, 1, 0)
+    sel = topk_pages(q, c_k, w, lens, 64, 2, 1, 0)
     for counts, indices in ((None, None), (sel.counts, sel.indices)):
         want = latent_decode_reference(q, c_k, c_v, lens, w, counts, indices, 64)
         for splits in (None, 2):
@@ -268,7 +247,7 @@ def test_fused_aot_step_equals_op_reference(joint, s, policy):
     attrs = latent_node_attributes(joint_kv=joint, k_norm_eps=1e-6, num_heads=H, num_kv_heads=KV, head_dim=D,
                                    scale=0.3, softcap=5.0 if policy == "softcap" else 0.0,
                                    policy=sw if policy == "sink_window" else None)
-    cos, sin = rope_table(t, D, rotary)
+    cos, sin = rope_table(t, rotary)
     weights = [torch.randn(RK, KV * D, generator=g) / 3, torch.randn(KV * D, generator=g),
                torch.randn(rv, KV * D, generator=g) / 3, torch.randn(KV * D, generator=g),
                torch.rand(D, generator=g) + 0.5, cos, sin]

@@ -120,3 +120,35 @@ def pass_fields(args: argparse.Namespace) -> dict:
               "eval": {k: v for k, v in {"text": args.eval_text, "device": getattr(args, "device", None),
                                          "tokenizer": getattr(args, "tokenizer", None)}.items() if v} or None}
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def add_pass_flags(p: argparse.ArgumentParser, placement: bool = False) -> None:
+    """The flags a calibrated conversion pass takes beside its own: output, calibration, healing, (reference
+    placement), device and evaluation, in that order in --help."""
+    add_output_flags(p)
+    add_calib_flags(p)
+    add_heal_flags(p)
+    if placement:
+        add_placement_flags(p)
+    add_device_flags(p)
+    add_eval_flags(p)
+
+
+def pass_config(cls, args: argparse.Namespace, **own):
+    """`cls` (a pass's StrictConfig) from the pass's `own` fields and the shared flags (`pass_fields`, --device);
+    unset flags (None) are omitted so the config's defaults stay in force."""
+    flags = {**own, "device": args.device, **pass_fields(args)}
+    return cls.parse({k: v for k, v in flags.items() if v is not None})
+
+
+def run_pass(call, cfg, args: argparse.Namespace):
+    """`call(MODEL, cfg, --out, overwrite=..., progress=...)`, the library pass; with --json the result's
+    metrics are printed as JSON and None is returned, else the PassResult (the command prints its summary)."""
+    import json
+
+    result = call(open_source(args), cfg, args.out, overwrite=args.overwrite,
+                  progress=not getattr(args, "quiet", False))
+    if args.json:
+        print(json.dumps({"out": str(result.out), **result.metrics}, indent=2, default=str))
+        return None
+    return result

@@ -15,8 +15,6 @@ import contextlib
 import logging
 import shutil
 import threading
-import time
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -26,15 +24,14 @@ from ..config import StrictConfig
 from ..data.calibration import CalibConfig, CalibrationData, calibration_batches, iterate
 from ..errors import UserError
 from ..eval.evaluate import EvalConfig
-from ..io import ModelSource, PassResult, atomic_output_dir, check_target, copy_side_files, parse_size, \
-    resolve_source
-from ..io import provenance
+from ..io import ModelSource, PassResult, copy_side_files, parse_size
 from ..io.writer import write_json
 from ..models import AttentionView, describe
 from .gqa_mean import LayerMerger
 from .gqa_stream import check_source_weights, iter_source_tensors, write_converted
 from .heal import HealConfig, heal, heal_batches
-from .placement import PlacementConfig, check_fits_in_ram, load_reference
+from .pass_skeleton import PassRun
+from .placement import PlacementConfig, load_reference
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +74,6 @@ def check_groups(view: AttentionView, groups: int) -> None:
                         f"valid values: {valid}")
 
 
-def _source(model) -> ModelSource:
-    return model if isinstance(model, ModelSource) else resolve_source(model)
-
-
 def output_config(config: dict[str, Any], groups: int) -> dict[str, Any]:
     return {**config, "num_key_value_heads": groups}
 
@@ -115,23 +108,21 @@ def mha_to_gqa(model, cfg: GQAConfig, out, *, overwrite: bool = False, calib: Ca
     `calib`: calibration token ids (iterable of LongTensor[1, S] or a callable), used for the calibrated fit
     and for healing; when None they are drawn from `cfg.calib` / `cfg.heal.calib` with the model's tokenizer.
     """
-    t0 = time.perf_counter()
-    source = _source(model)
-    config = source.config_dict()
-    view = describe(config)
-    check_groups(view, cfg.groups)
-    check_target(out, overwrite, (source.path,), kind="checkpoint")
+    run = PassRun.start("mha_to_gqa", model, cfg.model_dump(), out, overwrite,
+                        check=lambda source, view: check_groups(view, cfg.groups))
+    source, config, view = run.source, run.config, run.view
     check_source_weights(source)
     if cfg.heal.steps:  # healing holds the reference and the student; the calibrated fit runs layer by layer
-        check_fits_in_ram(source.reader().num_parameters(), cfg.placement, student=True)
+        run.check_room(cfg.placement, student=True)
     fit_data, heal_data = _calibration(source, cfg, calib)
     hashing = threading.Thread(target=source.content_hash, daemon=True)  # overlaps the conversion's I/O
     hashing.start()
     max_shard = parse_size(cfg.max_shard_size)
     new_config = output_config(config, cfg.groups)
-    metrics: dict[str, Any] = {"kv_heads": [view.num_kv_heads, cfg.groups]}
+    metrics = run.metrics
+    metrics["kv_heads"] = [view.num_kv_heads, cfg.groups]
 
-    with atomic_output_dir(out, overwrite, inputs=(source.path,)) as tmp, contextlib.ExitStack() as stack:
+    with run.output() as tmp, contextlib.ExitStack() as stack:
         teacher = None
         if cfg.method == "mean" and cfg.heal.steps == 0:
             convert = merger = _mean_merger(source, view, cfg)
@@ -179,17 +170,10 @@ def mha_to_gqa(model, cfg: GQAConfig, out, *, overwrite: bool = False, calib: Ca
                                          describe(new_config).kv_bytes_per_token(cfg.eval.kv_dtype)]
         shutil.rmtree(tmp / ".fit-spill", ignore_errors=True)
         hashing.join()
-        record = provenance.new_record(source.provenance(), parent=provenance.read(source.path))
-        provenance.add_pass(record, "mha_to_gqa", cfg.model_dump(), time.perf_counter() - t0, metrics)
-        provenance.write(tmp, record)
+        run.write_record(tmp)
     if cfg.evaluate:  # after the output is in place: an evaluation that cannot run never costs the conversion
-        figures = evaluate_pass_output(source, Path(out), cfg.eval, progress)
-        metrics.update(figures)
-        record["passes"][-1]["metrics"] = metrics
-        record["metrics"].update(figures)
-        record["passes"][-1]["seconds"] = round(time.perf_counter() - t0, 3)
-        provenance.write(Path(out), record)
-    return PassResult(Path(out).resolve(), metrics, record)
+        run.evaluate(cfg.eval, progress)
+    return run.result()
 
 
 def _calibration(source: ModelSource, cfg: GQAConfig, calib: CalibrationData | None):
@@ -207,25 +191,3 @@ def _calibration(source: ModelSource, cfg: GQAConfig, calib: CalibrationData | N
     fit = calibration_batches(tokenizer, cfg.calib) if cfg.method == "calibrated" else None
     healing = heal_batches(tokenizer, cfg.heal) if cfg.heal.steps else None
     return fit, healing
-
-
-def evaluate_pass_output(source: ModelSource, out: Path, cfg: EvalConfig, progress: bool) -> dict[str, Any]:
-    """Held-out figures of a pass's output and of its input (each run layer by layer from its checkpoint), for
-    kvconvert.json `metrics`; where they cannot run (no tokenizer, no room) one line says so and how to run them."""
-    import sys
-
-    from ..eval.evaluate import eval_room, evaluate_source, load_eval_tokenizer
-
-    try:
-        tokenizer = load_eval_tokenizer(source, cfg)
-        why = eval_room(source, cfg)
-        if why:
-            raise UserError(why)
-        converted = evaluate_source(resolve_source(out), cfg, progress, tokenizer)
-        base = evaluate_source(source, cfg, progress, tokenizer)
-    except (UserError, MemoryError) as exc:
-        reason = str(exc) or type(exc).__name__
-        print(f"kvconvert: evaluation skipped ({reason}); run it with: kvconvert eval {out} --baseline "
-              f"{source.spec}", file=sys.stderr)
-        return {"eval_skipped": reason}
-    return {"eval": converted, "baseline_eval": base, "perplexity_ratio": converted["perplexity"] / base["perplexity"]}

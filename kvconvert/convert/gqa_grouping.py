@@ -15,7 +15,9 @@ def head_similarity(kw: torch.Tensor, vw: torch.Tensor) -> torch.Tensor:
     """[KV, KV] similarity in [0, 2] of whitened key and value functionals (kw, vw: [KV, d, n]):
     the squared-cosine overlap of the row spaces, keys and values added."""
     def overlap(x: torch.Tensor) -> torch.Tensor:
-        g = torch.einsum("adn,ben->abde", x, x).pow(2).sum((-1, -2))  # ||X_a X_b^T||_F^2
+        kv, d = x.shape[:2]
+        flat = x.reshape(kv * d, -1).float()  # a ranking: fp32 GEMM (one [KV*d, KV*d] Gram) is precise enough
+        g = (flat @ flat.T).reshape(kv, d, kv, d).double().pow(2).sum((1, 3))  # ||X_a X_b^T||_F^2
         diag = g.diagonal().sqrt().clamp_min(1e-30)
         return g / (diag[:, None] * diag[None, :])
     return overlap(kw) + overlap(vw)

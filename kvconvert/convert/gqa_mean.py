@@ -21,7 +21,7 @@ import torch
 
 from ..models import AttentionView
 from .gqa_grouping import head_similarity, permute_heads, similarity_groups
-from .gqa_layout import LayerAttention, layer_tensors, read_layer, split_fused, tensor_names
+from .gqa_layout import LayerAttention, kv_roles, layer_tensors, read_layer, split_fused, tensor_names
 from .gqa_stats import augment_rows, split_rows
 
 
@@ -47,13 +47,27 @@ def mean_pool_tensor(view: AttentionView, role: str, t: torch.Tensor, groups: in
 
 
 def merge_error(x: torch.Tensor) -> float:
-    """x: [m, d, n] heads of one group -> sum_j ||x_j - mean||^2 / sum_j ||x_j||^2."""
-    return float((x - x.mean(0)).pow(2).sum() / x.pow(2).sum().clamp_min(1e-30))
+    """x: [m, d, n] heads of one group -> sum_j ||x_j - mean||^2 / sum_j ||x_j||^2 (fp32 math, fp64 sums)."""
+    x = x.float()
+    spread = (x - x.mean(0)).pow(2).sum(dtype=torch.float64)
+    return float(spread / x.pow(2).sum(dtype=torch.float64).clamp_min(1e-30))
+
+
+def rotation_2x2(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The rotation R [..., 2, 2] minimising ||R a - ref||_F (a, ref: [..., 2, n]) in closed form: with
+    N = a ref^T, tr(R N) = cos t (N00 + N11) + sin t (N01 - N10) is largest at t = atan2(N01 - N10, N00 + N11)
+    (what the SVD solution gives, without thousands of tiny LAPACK calls)."""
+    n = a @ ref.transpose(-1, -2)
+    t = torch.atan2(n[..., 0, 1] - n[..., 1, 0], n[..., 0, 0] + n[..., 1, 1])
+    c, s = torch.cos(t), torch.sin(t)
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
 
 
 def procrustes(a: torch.Tensor, ref: torch.Tensor, proper: bool) -> torch.Tensor:
     """Orthogonal R [..., k, k] minimising ||R a - ref||_F (a, ref: [..., k, n], batched);
     `proper`: det R = +1 (a rotation)."""
+    if proper and a.shape[-2] == 2:
+        return rotation_2x2(a, ref)
     u, _, vh = torch.linalg.svd(ref @ a.transpose(-1, -2))
     if proper:
         sign = torch.linalg.det(u @ vh).sign()
@@ -119,21 +133,23 @@ def merge_layer(w: LayerAttention, view: AttentionView, groups: int, grouping: s
         if align and not view.qk_norm:  # a per-head norm does not commute with a rotation of its input
             rk = align_group(kx, rot)
             kx2 = rk @ kx
-            if merge_error(kx2) < e_k:
-                kx = kx2
+            e2 = merge_error(kx2)
+            if e2 < e_k:
+                kx, e_k = kx2, e2
                 for i, j in enumerate(js):
                     hs = slice(j * r, (j + 1) * r)
                     qa[hs] = rk[i] @ qa[hs]
         if align:
             rv = align_group(vx, 0)
             vx2 = rv @ vx
-            if merge_error(vx2) < e_v:
-                vx = vx2
+            e2 = merge_error(vx2)
+            if e2 < e_v:
+                vx, e_v = vx2, e2
                 for i, j in enumerate(js):
                     hs = slice(j * r, (j + 1) * r)
                     o[:, hs] = o[:, hs] @ rv[i].T
-        figs["key_error_aligned"].append(merge_error(kx))
-        figs["value_error_aligned"].append(merge_error(vx))
+        figs["key_error_aligned"].append(e_k)
+        figs["value_error_aligned"].append(e_v)
         k_rows.append(kx.mean(0))
         v_rows.append(vx.mean(0))
     q, q_bias = split_rows(qa.reshape(heads * d, -1), True, view.q_bias)
@@ -151,7 +167,12 @@ class LayerMerger:
     def __init__(self, get: Callable[[str], torch.Tensor], view: AttentionView, groups: int,
                  grouping: str = "similarity", align: bool = True):
         self.get, self.view, self.groups, self.grouping, self.align = get, view, groups, grouping, align
+        # the plain consecutive mean changes only K/V rows: each is pooled as it streams past, q/o are copied
+        self.plain = not align and (grouping == "consecutive" or groups == 1)
+        self.kv_roles = kv_roles(view)
         self.roles = {name: layer for layer in range(view.num_layers) for name in tensor_names(view, layer).values()}
+        if self.plain:
+            self.roles = {name: layer for name, (layer, _) in self.kv_roles.items()}
         self.pending: dict[int, dict[str, torch.Tensor]] = {}
         self.layers: dict[int, dict[str, Any]] = {}
 
@@ -171,9 +192,25 @@ class LayerMerger:
             self.layers[layer] = figs
         return self.pending[layer]
 
+    def _pool(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The plain mean of one K/V-holding tensor; merge errors of its weight rows recorded per layer."""
+        layer, role = self.kv_roles[name]
+        view, m = self.view, self.view.num_kv_heads // self.groups
+        if role in ("k", "v", "qkv"):
+            parts = split_fused(t, view.num_heads, view.num_kv_heads, view.head_dim)[1:] if role == "qkv" else (t,)
+            for side, x in zip(("key", "value") if role == "qkv" else (("key",) if role == "k" else ("value",)),
+                               parts):
+                x = x.reshape(self.groups, m, view.head_dim, -1)
+                err = sum(merge_error(x[g]) for g in range(self.groups)) / self.groups
+                figs = self.layers.setdefault(layer, {"kv_order": list(range(view.num_kv_heads))})
+                figs[f"{side}_error"] = figs[f"{side}_error_aligned"] = err
+        return mean_pool_tensor(view, role, t, self.groups)
+
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
         if not self.changes(name):
             return t
+        if self.plain:
+            return self._pool(name, t)
         layer = self.roles[name]
         tensors = self._layer(layer)
         out = tensors.pop(name).to(t.dtype).contiguous()

@@ -6,11 +6,16 @@ the relative squared error of every decoder layer's output hidden state, which g
 own signal instead of only what reaches the logits. By default only the attention blocks are trainable
 (`trainable="attention"`), as the conversion only changed them. A step budget (`steps`) and / or a wall-time
 budget (`minutes`) bound the run. Both models stay wherever they were placed (CPU, one GPU, or an
-`accelerate` device map). `heal_pass.heal_model` is the pass (`kvconvert heal`) around this loop.
+`accelerate` device map); under torchrun a `heal_distributed.Parallel` (DDP / FSDP2) splits every global batch
+across ranks with the same losses and updates as one process. `autocast="bf16"` runs both forwards in bf16
+(fp32 master weights and optimizer state), `activation_checkpointing` recomputes each decoder layer in backward,
+`kd_chunk` bounds the fp32 log-softmax to that many tokens. `heal_pass.heal_model` is the pass (`kvconvert heal`)
+around this loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,6 +34,7 @@ from ..config import StrictConfig
 from ..data.calibration import CalibConfig, CalibrationData, iterate, load_text, token_stream
 from ..errors import UserError
 from ..runtime.input_device import input_device
+from .heal_distributed import Parallel, checkpoint_layers, decoder_layers, uncheckpoint
 
 
 class HealConfig(StrictConfig):
@@ -53,6 +59,8 @@ class HealConfig(StrictConfig):
     hidden_weight: float = Field(0.0, ge=0)
     kd_chunk: int = Field(0, ge=0)
     save_every: int = Field(0, ge=0)
+    autocast: Literal["none", "bf16"] = "none"
+    activation_checkpointing: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -139,30 +147,39 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return total / n * temperature**2
 
 
-def hidden_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def hidden_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...],
+                parallel: Parallel | None = None) -> torch.Tensor:
     """Mean over decoder layers of ||h_s - h_t||^2 / ||h_t||^2 (hidden states [B, S, hidden], embeddings
-    excluded)."""
-    terms = [(s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-30)
-             for s, t in zip(student_hidden[1:], teacher_hidden[1:])]
-    return torch.stack(terms).mean()
+    excluded). With `parallel` (each rank holding rows of the global batch) the denominator is the global one
+    and the term is scaled by the world size, so the ranks' mean is the single-process loss of the global batch."""
+    par = parallel or Parallel()
+    dens = par.sum(torch.stack([t.float().pow(2).sum() for t in teacher_hidden[1:]])).clamp_min(1e-30)
+    nums = torch.stack([(s.float() - t.float()).pow(2).sum() for s, t in zip(student_hidden[1:], teacher_hidden[1:])])
+    return (nums / dens).mean() * par.world_size
 
 
 STATE = "heal-state.pt"
 RESUMABLE = ("steps", "lr", "seqlen", "batch", "trainable", "seed", "calib", "warmup", "schedule", "weight_decay",
-             "max_grad_norm", "temperature", "hidden_weight")
+             "max_grad_norm", "temperature", "hidden_weight", "autocast")
 
 
-def _save_state(folder: Path, step: int, params, opt, sched, losses, kd_losses, cfg: HealConfig) -> None:
-    """Atomically write the resumable state (tensors, numbers and strings only: loads with weights_only)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (STATE + ".tmp")
-    torch.save({"step": step, "params": {n: p.detach().clone() for n, p in params}, "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "losses": losses, "kd_losses": kd_losses,
-                "config": json.dumps(cfg.model_dump(include=set(RESUMABLE), mode="json"), sort_keys=True)}, tmp)
-    os.replace(tmp, folder / STATE)
+def _save_state(folder: Path, step: int, model, params, opt, sched, losses, kd_losses, cfg: HealConfig,
+                par: Parallel) -> None:
+    """Atomically write the resumable state (tensors, numbers and strings only: loads with weights_only). Every
+    rank takes part (FSDP gathers the shards); rank 0 writes."""
+    full, optim = par.full_params(params), par.optimizer_state(model, opt)
+    if par.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (STATE + ".tmp")
+        torch.save({"step": step, "params": full, "optimizer": optim, "parallel": par.mode,
+                    "scheduler": sched.state_dict(), "losses": losses, "kd_losses": kd_losses,
+                    "config": json.dumps(cfg.model_dump(include=set(RESUMABLE), mode="json"), sort_keys=True)}, tmp)
+        os.replace(tmp, folder / STATE)
+    par.barrier()
 
 
-def _load_state(folder: Path, cfg: HealConfig) -> dict[str, Any] | None:
+def _load_state(folder: Path, cfg: HealConfig, par: Parallel) -> dict[str, Any] | None:
+    """The saved state (read by every rank: the state folder must be on a filesystem all ranks see)."""
     path = folder / STATE
     if not path.is_file():
         return None
@@ -170,12 +187,16 @@ def _load_state(folder: Path, cfg: HealConfig) -> dict[str, Any] | None:
     if state["config"] != json.dumps(cfg.model_dump(include=set(RESUMABLE), mode="json"), sort_keys=True):
         raise UserError(f"{path} was saved by a heal with other settings; resume with the same settings or "
                         "delete that folder to start over")
+    if state.get("parallel", "none") != par.mode and "fsdp" in (state.get("parallel", "none"), par.mode):
+        raise UserError(f"{path} was saved with --parallel {state.get('parallel', 'none')}; resume with the same "
+                        f"--parallel (not {par.mode})")
     return state
 
 
 def heal(student: torch.nn.Module, teacher: torch.nn.Module, cfg: HealConfig, calib: CalibrationData | None = None,
          progress: bool = True, on_step: Callable[[int, float], bool | None] | None = None,
-         state_dir: str | os.PathLike | None = None, resume: bool = False) -> dict[str, Any]:
+         state_dir: str | os.PathLike | None = None, resume: bool = False,
+         parallel: Parallel | None = None) -> dict[str, Any]:
     """Distil `teacher` into `student` in place for `cfg.steps` AdamW steps and / or `cfg.minutes`.
 
     `on_step(step, loss)` is called after each step (1-based), e.g. to evaluate at milestones; returning
@@ -185,6 +206,9 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, cfg: HealConfig, ca
 
     `calib`: token ids, an iterable of LongTensor[1, S] (or a callable returning one), e.g. from
     `heal_batches(tokenizer, cfg)`; cycled when shorter than `steps * batch`.
+    `parallel`: under torchrun, a `heal_distributed.setup(...)` result; every rank passes the same data and
+    takes its rows of each global batch. FSDP leaves the student sharded in place (`parallel.write_checkpoint`
+    gathers it); the per-step losses are the global batch's.
     Returns {"losses": [per-step loss], "kd_losses", "seconds": wall time, "steps", "trainable_parameters",
     "teacher_seconds": time in the teacher's forward passes, "tokens"}.
     """
@@ -197,6 +221,8 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, cfg: HealConfig, ca
     data = [torch.as_tensor(x).long() for x in iterate(calib)]
     if not data:
         raise UserError("healing got no calibration sequences")
+    par = parallel or Parallel()
+    par.check_batch(cfg.batch)
     torch.manual_seed(cfg.seed)
     params = trainable_parameters(student, cfg.trainable)
     flags = {n: p.requires_grad for n, p in student.named_parameters()}
@@ -205,16 +231,24 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, cfg: HealConfig, ca
         p.requires_grad_(n in chosen)
     for p in teacher.parameters():
         p.requires_grad_(False)
+    ckpt = checkpoint_layers(decoder_layers(student)) if cfg.activation_checkpointing else []
+    forward = par.wrap(student, teacher)  # FSDP replaces the parameters by their shards: look them up again
+    params = [(n, p) for n, p in student.named_parameters() if n in chosen]
     opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, weight_decay=cfg.weight_decay,
                             betas=(0.9, 0.95))
     budget = cfg.minutes * 60 if cfg.minutes is not None else None
+    clock = [0.0]  # wall seconds at the last step, the same on every rank (the schedule and the budget use it)
+
+    def tick() -> float:
+        clock[0] = float(par.mean(torch.tensor(time.perf_counter() - t0, dtype=torch.float64)))
+        return clock[0]
 
     def progress_fraction(step: int) -> float:
         fractions = []
         if cfg.steps:
             fractions.append((step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1))
         if budget is not None:
-            fractions.append((time.perf_counter() - t0) / budget)
+            fractions.append(clock[0] / budget)
         return min(max(max(fractions), 0.0), 1.0)
 
     def lr_at(step: int) -> float:
@@ -234,50 +268,62 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, cfg: HealConfig, ca
     want_hidden = cfg.hidden_weight > 0
     folder = Path(state_dir) if state_dir is not None else None
     batches = _batches(data, cfg.batch, cfg.steps or None)
-    state = _load_state(folder, cfg) if resume and folder is not None else None
+    state = _load_state(folder, cfg, par) if resume and folder is not None else None
     if state is not None:
-        with torch.no_grad():
-            for n, p in params:
-                p.copy_(state["params"][n])
-        opt.load_state_dict(state["optimizer"])
+        par.load_params(params, state["params"])
+        par.load_optimizer_state(student, opt, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         losses, kd_losses = list(state["losses"]), list(state["kd_losses"])
         for _ in range(state["step"]):  # the data position: the windows the saved steps consumed
             next(batches)
-    bar = tqdm(batches, total=cfg.steps or None, initial=len(losses), desc="heal", disable=not progress)
+    bar = tqdm(batches, total=cfg.steps or None, initial=len(losses), desc="heal", disable=not (progress and par.main))
+
+    def autocast():
+        if cfg.autocast == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=s_dev.type, dtype=torch.bfloat16)
+
     try:
-        for ids in bar:
+        for global_ids in bar:
+            ids = par.local(global_ids)
             tt = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 t_out = teacher(ids.to(t_dev), use_cache=False, output_hidden_states=want_hidden)
                 t_logits = t_out.logits.to(s_dev)
                 t_hidden = tuple(h.to(s_dev) for h in t_out.hidden_states) if want_hidden else ()
             del t_out
             teacher_seconds += time.perf_counter() - tt
             with torch.enable_grad():
-                s_out = student(ids.to(s_dev), use_cache=False, output_hidden_states=want_hidden)
+                with autocast():
+                    s_out = forward(ids.to(s_dev), use_cache=False, output_hidden_states=want_hidden)
                 kd = kd_loss(s_out.logits, t_logits, cfg.temperature, cfg.kd_chunk)
-                loss = kd + cfg.hidden_weight * hidden_loss(s_out.hidden_states, t_hidden) if want_hidden else kd
+                loss = kd + cfg.hidden_weight * hidden_loss(s_out.hidden_states, t_hidden, par) if want_hidden else kd
                 loss.backward()
             del s_out, t_logits, t_hidden
             torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm)
             opt.step()
+            if budget is not None:
+                tick()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            kd_losses.append(float(kd.detach()))
-            tokens += ids.numel()
+            losses.append(float(par.mean(loss.detach())))
+            kd_losses.append(float(par.mean(kd.detach())))
+            tokens += global_ids.numel()
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if folder is not None and cfg.save_every and len(losses) % cfg.save_every == 0:
-                _save_state(folder, len(losses), params, opt, sched, losses, kd_losses, cfg)
-            stop = on_step(len(losses), losses[-1]) if on_step is not None else False
-            if stop or (budget is not None and time.perf_counter() - t0 >= budget):
+                _save_state(folder, len(losses), student, params, opt, sched, losses, kd_losses, cfg, par)
+            stop = bool(on_step(len(losses), losses[-1])) if on_step is not None else False
+            stop = stop or (budget is not None and clock[0] >= budget)
+            if par.world_size > 1 and on_step is not None:  # every rank stops at the same step
+                stop = bool(par.sum(torch.tensor(float(stop))) > 0)
+            if stop:
                 break
     finally:
         bar.close()
+        uncheckpoint(ckpt)
         for n, p in student.named_parameters():
             p.requires_grad_(flags[n])
         student.train(was_training)
     return {"losses": losses, "kd_losses": kd_losses, "seconds": round(time.perf_counter() - t0, 2),
-            "steps": len(losses), "trainable_parameters": sum(p.numel() for _, p in params),
+            "steps": len(losses), "trainable_parameters": sum(p.numel() for _, p in params),  # DTensor numel: the global one
             "teacher_seconds": round(teacher_seconds, 2), "tokens": tokens}

@@ -2,11 +2,16 @@
 writes a normal checkpoint (stock-transformers loadable, or a latent folder) with provenance.
 
 Usable after any conversion (`kvconvert heal STUDENT --teacher SRC --out DIR`); the recipe `heal` step calls
-it too. The loop itself is `heal.heal` (also what the passes' `--heal-steps` run).
+it too. The loop itself is `heal.heal` (also what the passes' `--heal-steps` run). Under `torchrun` every rank
+runs `heal_model` with the same arguments: `parallel` ("auto": FSDP when WORLD_SIZE > 1) shards (FSDP2) or
+replicates (DDP) the student, each rank takes its rows of the global batch, and rank 0 writes the gathered
+checkpoint, the provenance and the resumable state. `heal_plan` is the memory each device will need.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -15,18 +20,23 @@ import torch
 
 from ..data.calibration import CalibrationData, iterate
 from ..errors import UserError
+from ..io.writer import parse_size
 from ..eval.evaluate import EvalConfig
 from .heal import HealConfig, heal, heal_batches
+from .heal_distributed import ParallelMode, env_world_size, resolve_mode, setup
+from .heal_plan import MemoryPlan, heal_memory_plan
 
 PROBE = "The quick brown fox jumps over the lazy dog. 0123456789 ()[]{} naïve café"
 
 
 class HealPassConfig(HealConfig):
     """`kvconvert heal` settings: the teacher (MODEL spec of the model the student was converted from), the
-    HealConfig fields, the output's shard size, the device, and the before/after evaluation."""
+    HealConfig fields, the output's shard size, the device, data parallelism under torchrun (`parallel`), and
+    the before/after evaluation."""
 
     teacher: str
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    parallel: ParallelMode = "auto"
     max_shard_size: str = "5GB"
     evaluate: bool = True
     eval: EvalConfig = EvalConfig()
@@ -70,6 +80,39 @@ def _device(cfg: HealPassConfig) -> str:
     return cfg.device
 
 
+def _config_only(model) -> dict[str, Any]:
+    import json
+
+    if isinstance(model, dict):
+        return model
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        path = path / "config.json" if path.is_dir() else path
+        if path.name.endswith(".json") and path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise UserError(f"{path}: not a readable config.json ({exc})") from None
+    return _resolve(model, "student").config_dict()
+
+
+def heal_plan(model, cfg: HealPassConfig, world_size: int | None = None) -> MemoryPlan:
+    """The per-device memory plan of healing `model` (spec, path, ModelSource, a folder or file holding just
+    config.json, or the config dict) with `cfg` on `world_size` processes (default WORLD_SIZE): arithmetic on
+    config.json, no weights read."""
+    config = _config_only(model)
+    try:
+        teacher = _config_only(cfg.teacher)
+    except UserError:  # a teacher that does not resolve here: planned as large as the student
+        teacher = None
+    world = env_world_size() if world_size is None else world_size
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    return heal_memory_plan(config, world, resolve_mode(cfg.parallel, world), trainable=cfg.trainable,
+                            batch=cfg.batch, seqlen=cfg.seqlen, autocast=cfg.autocast,
+                            activation_checkpointing=cfg.activation_checkpointing, kd_chunk=cfg.kd_chunk,
+                            device=device, hidden_weight=cfg.hidden_weight, teacher=teacher)
+
+
 def state_folder(out) -> Path:
     """Where `save_every` keeps the resumable state of a heal writing `out`: the sibling `<out>.heal-state`."""
     out = Path(out)
@@ -97,17 +140,22 @@ def heal_model(model, cfg: HealPassConfig, out, *, calib: CalibrationData | None
     if resume and not (states / "heal-state.pt").is_file():
         raise UserError(f"--resume: no saved heal state in {states} (a heal saves one with --save-every N)")
     loop = cfg.loop()
+    par, device = setup(cfg.parallel, _device(cfg))
+    par.check_batch(cfg.batch)
+    if progress and par.main:
+        print(heal_plan(source, cfg, par.world_size).line(), file=sys.stderr)
     if calib is None:
         data = heal_batches(source.load_tokenizer(), loop)
     else:
         data = [torch.as_tensor(x).long().reshape(1, -1) for x in iterate(calib)]
         if not data:
             raise UserError("no healing sequences were given")
-    device = _device(cfg)
-    student = source.load_model().to(device)
-    teacher = teacher_src.load_model(dtype=torch.bfloat16 if device == "cuda" else None).to(device).eval()
+    on_cuda = device.startswith("cuda")
+    place = (lambda m: m) if par.mode == "fsdp" else (lambda m: m.to(device))  # fully_shard moves the shards
+    student = place(source.load_model())
+    teacher = place(teacher_src.load_model(dtype=torch.bfloat16 if on_cuda else None)).eval()
     result = heal(student, teacher, loop, calib=data, progress=progress,
-                  state_dir=states if cfg.save_every or resume else None, resume=resume)
+                  state_dir=states if cfg.save_every or resume else None, resume=resume, parallel=par)
     metrics: dict[str, Any] = {"heal": {k: result[k] for k in ("steps", "seconds", "tokens", "teacher_seconds",
                                                                 "trainable_parameters")},
                                "losses": result["losses"]}
@@ -123,15 +171,27 @@ def heal_model(model, cfg: HealPassConfig, out, *, calib: CalibrationData | None
         metrics["perplexity_ratio"] = metrics["eval"]["perplexity"] / metrics["baseline_eval"]["perplexity"]
     del teacher
     record = provenance.new_record(source.provenance(), parent=provenance.read(source.path))
-    params = {**cfg.model_dump(mode="json"), "teacher": teacher_src.provenance()}
+    params = {**cfg.model_dump(mode="json"), "teacher": teacher_src.provenance(), "parallel": par.mode,
+              "world_size": par.world_size}
     provenance.add_pass(record, "heal", params, time.perf_counter() - t0,
                         {k: v for k, v in metrics.items() if k != "losses"})
-    with atomic_output_dir(out, overwrite, inputs=(source.path, teacher_src.path)) as tmp:
-        student.to("cpu").save_pretrained(tmp, safe_serialization=True, max_shard_size=cfg.max_shard_size)
-        copy_side_files(source.path, tmp, skip=("config.json", "generation_config.json"))
-        provenance.write(tmp, record)
-    if states.is_dir():  # written by this heal only: its state file and nothing else
-        (states / "heal-state.pt").unlink(missing_ok=True)
-        if not any(states.iterdir()):
-            states.rmdir()
+    if par.world_size > 1:  # gathered tensor by tensor (collectives on every rank), written by rank 0
+        with (atomic_output_dir(out, overwrite, inputs=(source.path, teacher_src.path)) if par.main
+              else contextlib.nullcontext(None)) as tmp:
+            par.write_checkpoint(student, tmp, cfg.max_shard_size)
+            if par.main:
+                copy_side_files(source.path, tmp, skip=("config.json", "generation_config.json"))
+                provenance.write(tmp, record)
+    else:
+        with atomic_output_dir(out, overwrite, inputs=(source.path, teacher_src.path)) as tmp:
+            student.to("cpu").save_pretrained(tmp, safe_serialization=True,
+                                                max_shard_size=parse_size(cfg.max_shard_size))
+            copy_side_files(source.path, tmp, skip=("config.json", "generation_config.json"))
+            provenance.write(tmp, record)
+    if par.main:
+        if states.is_dir():  # written by this heal only: its state file and nothing else
+            (states / "heal-state.pt").unlink(missing_ok=True)
+            if not any(states.iterdir()):
+                states.rmdir()
+    par.barrier()
     return PassResult(Path(out).resolve(), metrics, record)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -62,26 +61,18 @@ def fit_latent(model, cfg: LatentConfig, out, *, overwrite: bool = False, calib=
     `calib`: iterable of LongTensor[1, S] (or a callable returning one); default `cfg.calib` text.
     Returns PassResult(out, metrics, record).
     """
-    from ..io import ModelSource, atomic_output_dir, provenance, resolve_source
-    from ..io.output_dir import check_target
     from ..models import describe
-    from .latent_build import latent_config_dict
+    from .latent_build import latent_config_dict, needs_probe
+    from .pass_skeleton import PassRun
 
-    t0 = time.perf_counter()
-    source = model if isinstance(model, ModelSource) else resolve_source(model)
-    config = source.config_dict()
-    view = describe(config)
-    _check_input(view, cfg)
-    check_target(Path(out), overwrite, (source.path,))
-    from .latent_build import needs_probe
-
+    run = PassRun.start("fit_latent", model, cfg.model_dump(), out, overwrite,
+                        check=lambda source, view: _check_input(view, cfg))
+    source, config, view = run.source, run.config, run.view
     in_ram = cfg.heal.steps > 0 or needs_probe(cfg, view)
     if in_ram:  # healing trains the whole student; KL probes edit a whole model: both hold it in RAM
-        from .placement import PlacementConfig, check_fits_in_ram
-
-        check_fits_in_ram(source.reader().num_parameters(), PlacementConfig(), student=True,
-                          hint="healing and KL-probe sensitivity hold both in RAM on the CPU: use --heal-steps 0 "
-                               "and --metric fisher (run layer by layer), or a machine with more memory")
+        run.check_room(student=True,
+                       hint="healing and KL-probe sensitivity hold both in RAM on the CPU: use --heal-steps 0 "
+                            "and --metric fisher (run layer by layer), or a machine with more memory")
     tokenizer = None
     if calib is None or cfg.heal.steps:
         from ..eval.evaluate import load_eval_tokenizer
@@ -104,13 +95,13 @@ def fit_latent(model, cfg: LatentConfig, out, *, overwrite: bool = False, calib=
                           progress=progress)
     calib_seconds = time.perf_counter() - t_fit
     latent_view = describe(latent_config_dict(config, fit))
-    metrics: dict[str, Any] = {
+    metrics = run.metrics
+    metrics.update({
         "kv_bytes_per_token": [view.kv_bytes_per_token("bf16"), latent_view.kv_bytes_per_token("bf16")],
         "ranks": fit.widths, "kv_fraction": fit.kv_fraction, "calibration_seconds": round(calib_seconds, 2),
         "calibration_tokens": fit.tokens, "sensitivity": fit.sensitivity,
-    }
-    record = provenance.new_record(source.provenance(), provenance.read(source.path))
-    with atomic_output_dir(out, overwrite, (source.path,)) as tmp:
+    })
+    with run.output() as tmp:
         if in_ram:
             student = build_latent_model(base, view, config, fit)
             if cfg.heal.steps:
@@ -121,21 +112,10 @@ def fit_latent(model, cfg: LatentConfig, out, *, overwrite: bool = False, calib=
             del student, base
         else:
             save_latent_streaming(source, tmp, cfg, fit, view, progress)
-        provenance.add_pass(record, "fit_latent", cfg.model_dump(), time.perf_counter() - t0, metrics)
-        provenance.write(tmp, record)
+        run.write_record(tmp)
     if cfg.evaluate:  # from the written checkpoints, layer by layer; skipped with one line when it cannot run
-        from .gqa import evaluate_pass_output
-
-        figures = evaluate_pass_output(source, Path(out), cfg.eval, progress)
-        if "baseline_eval" in figures:
-            figures["eval_base"] = figures["baseline_eval"]
-        metrics.update(figures)
-        record["metrics"].update(figures)
-        record["passes"][-1]["seconds"] = round(time.perf_counter() - t0, 3)
-        provenance.write(Path(out), record)
-    from ..io import PassResult
-
-    return PassResult(Path(out).resolve(), metrics, record)
+        run.evaluate(cfg.eval, progress, aliases={"eval_base": "baseline_eval"})
+    return run.result()
 
 
 def _check_input(view, cfg: LatentConfig) -> None:

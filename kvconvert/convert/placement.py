@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Literal
 
+from .. import resources
 from ..config import StrictConfig
 from ..models import dtype_bytes
 
@@ -46,18 +47,6 @@ def load_reference(source, cfg: PlacementConfig) -> Iterator:
         yield source.load_model(dtype, device_map=cfg.device_map, max_memory=max_memory, offload_folder=folder)
 
 
-def available_ram() -> int | None:
-    """MemAvailable of this machine in bytes (None where /proc/meminfo does not exist)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def check_fits_in_ram(parameters: int, cfg: PlacementConfig, student: bool, hint: str | None = None) -> None:
     """UserError, before anything is loaded, when the reference (and a fp32 student) cannot fit in RAM.
 
@@ -67,7 +56,7 @@ def check_fits_in_ram(parameters: int, cfg: PlacementConfig, student: bool, hint
 
     if cfg.device_map is not None or cfg.device != "cpu":
         return
-    free = available_ram()
+    free = resources.available_ram()
     need = parameters * dtype_bytes(cfg.dtype) + (parameters * 4 if student else 0)
     if free is None or need <= free:
         return

@@ -116,13 +116,13 @@ def evaluate_source(source, cfg: EvalConfig, progress: bool = False, tokenizer=N
 
 def eval_room(source, cfg: EvalConfig) -> str | None:
     """Why a layer-by-layer evaluation of `source` cannot run here (None when it can)."""
-    from ..convert.placement import available_ram
+    from .. import resources
     from ..runtime.layerwise import layerwise_bytes, resolve_device
 
     if resolve_device(cfg.device).type != "cpu":
         return None
     need = layerwise_bytes(source.reader(), describe(source.config_dict()), cfg.max_tokens)
-    free = available_ram()
+    free = resources.available_ram()
     if free is not None and need > free:
         return f"it needs {need / 2**30:.1f} GiB of RAM, {free / 2**30:.1f} GiB is available"
     return None

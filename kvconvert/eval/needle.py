@@ -216,9 +216,9 @@ def needle_ram_bytes(source, cfg: NeedleConfig) -> int:
 
 def check_needle_fits(source, cfg: NeedleConfig) -> None:
     """UserError before loading anything when the needle test cannot fit in this machine's RAM."""
-    from ..convert.placement import available_ram
+    from .. import resources
 
-    need, free = needle_ram_bytes(source, cfg), available_ram()
+    need, free = needle_ram_bytes(source, cfg), resources.available_ram()
     if free is not None and need > free:
         raise UserError(f"the needle test holds the whole model in fp32 with its KV cache: {need / 2**30:.1f} GiB "
                         f"of RAM, {free / 2**30:.1f} GiB is available; run it on a machine with more memory "

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from .json_file import write_json
 
 FILENAME = "kvconvert.json"
 
@@ -41,9 +42,7 @@ def add_pass(record: dict[str, Any], name: str, params: dict[str, Any], seconds:
 
 
 def write(folder: Path, record: dict[str, Any]) -> Path:
-    path = Path(folder) / FILENAME
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    return path
+    return write_json(Path(folder) / FILENAME, record)
 
 
 def update_metrics(folder: Path, metrics: dict[str, Any]) -> None:

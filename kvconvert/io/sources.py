@@ -233,7 +233,11 @@ def _materialize_gguf(gguf: Path, folder: Path) -> None:
         model.config.name_or_path = ""
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        tmp.rename(folder)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process materialised the same GGUF meanwhile: keep its complete copy
+            if not (folder / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -12,20 +12,27 @@ from pathlib import Path
 
 import torch
 
+from .json_file import write_json  # noqa: F401 - re-exported for the passes that write config.json
 from .sources import SIDE_FILES, code_files
 
-DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", the passes' default max_shard_size
 PAGE = 4096
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "B": 1}
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    """'5GB' (5 * 10**9), '500MB', '2GiB' (2 * 2**30) or a byte count -> bytes.
+
+    Decimal and binary units as transformers' `save_pretrained(max_shard_size=...)` reads them, so one string
+    means one size whichever writer gets it (pass the int to `save_pretrained`: huggingface_hub knows no GiB).
+    """
     if isinstance(text, int):
         return text
-    s = text.strip().upper().replace("IB", "B")
-    for unit, mult in (("KB", 2**10), ("MB", 2**20), ("GB", 2**30), ("TB", 2**40), ("B", 1)):
+    s = text.strip().upper()
+    for unit in sorted(SIZE_UNITS, key=len, reverse=True):
         if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
+            return int(float(s[: -len(unit)]) * SIZE_UNITS[unit])
     return int(s)
 
 
@@ -206,7 +213,3 @@ def copy_side_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
         rel = f.relative_to(Path(src))
         (Path(dst) / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, Path(dst) / rel)
-
-
-def write_json(path: Path, data: dict) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

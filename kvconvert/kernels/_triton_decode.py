@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import block, dot_f32, num_warps, tile_update
+from ._triton_common import block, dot_f32, group_queries, num_warps, split_pages, store_partials, tile_update
 
 
 @triton.jit
@@ -32,12 +32,9 @@ def _paged_decode_kernel(
     within = slots % BLOCK_P
     row_ok = rows < G
     dim_ok = dims < D
-    q = tl.load(Q + b * sqb + (g * G + rows[:, None]) * sqh + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = group_queries(Q, b, g, sqb, sqh, rows, dims, row_ok, dim_ok, G)
     seq_len = tl.load(SEQ + b)
-    count = tl.load(CNT + b * scb + g * sch)
-    start = split * pages_per_split
-    stop = tl.minimum(start + pages_per_split, count)
+    start, stop = split_pages(CNT, b, g, scb, sch, split, pages_per_split)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -52,10 +49,7 @@ def _paged_decode_kernel(
         v = tl.load(vbase + pos[:, None] * svt + dims[None, :], mask=ok[:, None] & dim_ok[None, :], other=0.0)
         m_i, l_i, acc = tile_update(q, k, v, ok[None, :], m_i, l_i, acc, scale, DOT_F32)
     if SPLIT:
-        part = bh * num_splits + split
-        tl.store(MP + part * BLOCK_G + rows, m_i)
-        tl.store(LP + part * BLOCK_G + rows, l_i)
-        tl.store(AP + (part * BLOCK_G + rows[:, None]) * BLOCK_D + dims[None, :], acc)
+        store_partials(MP, LP, AP, bh * num_splits + split, rows, dims, m_i, l_i, acc, BLOCK_G, BLOCK_D)
     else:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(OUT + b * sob + (g * G + rows[:, None]) * soh + dims[None, :], out.to(OUT.dtype.element_ty),
@@ -164,8 +158,7 @@ def _sink_window_kernel(
     toks = tl.arange(0, BLOCK_N)
     row_ok = rows < G
     dim_ok = dims < D
-    q = tl.load(Q + b * sqb + (g * G + rows[:, None]) * sqh + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = group_queries(Q, b, g, sqb, sqh, rows, dims, row_ok, dim_ok, G)
     seq_len = tl.load(SEQ + b)
     sink_end = tl.minimum(seq_len, sink)
     win_start = tl.maximum(seq_len - window, sink_end)

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import block, dot_f32, num_warps, tile_update
+from ._triton_common import block, dot_f32, group_queries, num_warps, split_pages, store_partials, tile_update
 from ._triton_decode import _combine_kernel, _default_splits
 
 
@@ -41,16 +41,13 @@ def _latent_decode_kernel(
     row_ok = rows < G
     dim_ok = dims < D
     rv_ok = rv < RV
-    q = tl.load(Q + b * sqb + (g * G + rows[:, None]) * sqh + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = group_queries(Q, b, g, sqb, sqh, rows, dims, row_ok, dim_ok, G)
     kb = tl.load(KB + g * D + dims, mask=dim_ok, other=0.0)
     kb_r = tl.load(KBR + g * D + dims, mask=dim_ok, other=0.0)
     kw = tl.load(KW + dims, mask=dim_ok, other=0.0)
     kw_r = tl.load(KWR + dims, mask=dim_ok, other=0.0)
     seq_len = tl.load(SEQ + b)
-    count = tl.load(CNT + b * scb + g * sch)
-    start = split * pages_per_split
-    stop = tl.minimum(start + pages_per_split, count)
+    start, stop = split_pages(CNT, b, g, scb, sch, split, pages_per_split)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_RV], tl.float32)
@@ -90,10 +87,7 @@ def _latent_decode_kernel(
         v = tl.load(CV + b * scvb + pos[:, None] * scvt + rv[None, :], mask=ok[:, None] & rv_ok[None, :], other=0.0)
         m_i, l_i, acc = tile_update(q, k.to(q.dtype), v, ok[None, :], m_i, l_i, acc, scale, DOT_F32)
     if SPLIT:
-        part = bh * num_splits + split
-        tl.store(MP + part * BLOCK_G + rows, m_i)
-        tl.store(LP + part * BLOCK_G + rows, l_i)
-        tl.store(AP + (part * BLOCK_G + rows[:, None]) * BLOCK_RV + rv[None, :], acc)
+        store_partials(MP, LP, AP, bh * num_splits + split, rows, rv, m_i, l_i, acc, BLOCK_G, BLOCK_RV)
     else:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(OUT + b * sob + (g * G + rows[:, None]) * soh + rv[None, :], out, mask=row_ok[:, None] & rv_ok[None, :])

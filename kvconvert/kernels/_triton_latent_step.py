@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ._common import next_pow2
+from ._triton_common import visible
 
 
 @triton.jit
@@ -70,11 +71,7 @@ def _latent_step_body(Q, KN, VN, PK, PV, CL, KUP, KB, VUP, VB, KW, COS, SIN, OUT
         acc = tl.zeros([BLOCK_G, BLOCK_RV], tl.float32)
         for j0 in range(0, t + 1, BLOCK_N):
             pos = j0 + slots
-            ok = pos <= t
-            if sliding > 0:
-                ok = ok & (pos > t - sliding)
-            if window > 0:
-                ok = ok & ((pos < sink) | (t - pos < window))
+            ok = visible(pos, t, sliding, sink, window)
             x = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + kb[None, :]
             xr = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + kb_r[None, :]
             for r0 in tl.static_range(0, RK, BLOCK_R):

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ._common import next_pow2
+from ._triton_common import visible
 
 
 @triton.jit
@@ -43,11 +44,7 @@ def _kv_step_body(Q, K, V, PK, PV, CL, OUT, S, T, H, KV, sink, window, sliding, 
         acc = tl.zeros([BLOCK_D], tl.float32)
         for j0 in range(0, t + 1, BLOCK_N):
             j = j0 + toks
-            ok = j <= t
-            if sliding > 0:
-                ok = ok & (j > t - sliding)
-            if window > 0:
-                ok = ok & ((j < sink) | (t - j < window))
+            ok = visible(j, t, sliding, sink, window)
             rows = (head_kv * T + j[:, None]) * D + dims[None, :]
             k = tl.load(PK + rows, mask=ok[:, None] & dm[None, :], other=0.0).to(tl.float32)
             v = tl.load(PV + rows, mask=ok[:, None] & dm[None, :], other=0.0).to(tl.float32)

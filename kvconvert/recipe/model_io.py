@@ -26,12 +26,12 @@ def save_model(model, source, out: Path, pass_name: str, params: dict[str, Any],
                metrics: dict[str, Any], max_shard_size: str = "5GB") -> Path:
     """Write `model` (derived from `source`) as an HF folder at `out` (atomically, replacing it) with the
     source's tokenizer files and a `kvconvert.json` that inherits the source's passes plus this one."""
-    from ..io import atomic_output_dir, copy_side_files, provenance
+    from ..io import atomic_output_dir, copy_side_files, parse_size, provenance
 
     record = provenance.new_record(source.provenance(), parent=provenance.read(source.path))
     provenance.add_pass(record, pass_name, params, seconds, metrics)
     with atomic_output_dir(out, overwrite=True, inputs=(source.path,)) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=parse_size(max_shard_size))
         copy_side_files(source.path, tmp, skip=("config.json", "generation_config.json"))
         provenance.write(tmp, record)
     return Path(out)

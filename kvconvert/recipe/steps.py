@@ -14,7 +14,6 @@ To add a step, write one `@register(...)` function below:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,6 +30,7 @@ from ..eval.needle import NeedleConfig
 from ..export.engine import EngineConfig
 from ..export.onnx import OnnxExportConfig
 from ..export.triton import TritonRepoConfig
+from ..io.json_file import write_json
 from ..models import AttentionView
 from ..runtime.sparse import SparsePolicy
 
@@ -102,11 +102,6 @@ def pass_perplexity(metrics: dict[str, Any]) -> dict[str, float]:
     """The `perplexity` figure from a pass's own evaluation (`metrics["eval"]`), if it ran one."""
     ev = metrics.get("eval")
     return {"perplexity": ev["perplexity"]} if isinstance(ev, dict) and "perplexity" in ev else {}
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 @register("eval", EvalConfig, reads=("model",))

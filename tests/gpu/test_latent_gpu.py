@@ -5,17 +5,9 @@ import importlib.util
 
 import pytest
 import torch
+from latent_cases import rope_table, topk_pages
 
-from kvconvert.kernels import (
-    LatentWeights,
-    latent_decode,
-    latent_decode_reference,
-    page_summaries,
-    score_pages,
-    select_pages,
-    sink_window_pages,
-)
-from kvconvert.kernels.latent_decode import rebuild_keys
+from kvconvert.kernels import LatentWeights, latent_decode, latent_decode_reference, sink_window_pages
 
 pytestmark = pytest.mark.gpu
 TOL = {torch.float16: {"atol": 5e-3, "rtol": 5e-3}, torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2}}
@@ -30,12 +22,10 @@ def _case(dtype, heads, kv_heads, head_dim, rank_k, rank_v, lmax, joint, norm, s
     width = kv_heads * head_dim
     c_k = randn(2, 1, lmax, rank_k)
     c_v = c_k if joint else randn(2, 1, lmax, rank_v)
-    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
-    emb = torch.arange(lmax, device="cuda")[:, None].float() * inv
-    emb = torch.cat([emb, emb], -1)
+    cos, sin = rope_table(lmax, head_dim, device="cuda")
     w = LatentWeights(kv_heads, randn(rank_k, width, scale=rank_k ** -0.5),
-                      randn(c_v.shape[-1], width, scale=c_v.shape[-1] ** -0.5), emb.cos().to(dtype),
-                      emb.sin().to(dtype), randn(width, scale=0.1), randn(width, scale=0.1),
+                      randn(c_v.shape[-1], width, scale=c_v.shape[-1] ** -0.5), cos.to(dtype), sin.to(dtype),
+                      randn(width, scale=0.1), randn(width, scale=0.1),
                       (torch.rand(head_dim, device="cuda", generator=g) + 0.5).to(dtype) if norm else None,
                       1e-6 if norm else 0.0)
     return randn(2, heads, head_dim), c_k, c_v, w
@@ -56,9 +46,7 @@ def test_latent_decode_long_context(dtype, joint, norm, heads, kv_heads, head_di
     torch.testing.assert_close(latent_decode(q, c_k, c_v, lens, w, sink=4, window=2048).float(),
                                latent_decode_reference(q, c_k, c_v, lens, w, *sel.args()[1:], sink=4,
                                                        window=2048).float(), **TOL[dtype])
-    keys = rebuild_keys(c_k[:, 0], w, torch.arange(lmax, device="cuda")[None].expand(2, -1)).to(dtype)
-    kmin, kmax = page_summaries(keys, lens, 32)
-    sel = select_pages(score_pages(q, kmin, kmax), lens, 32, 64, 1, 2)
+    sel = topk_pages(q, c_k, w, lens, 32, 64, 1, 2, keys_dtype=dtype)
     torch.testing.assert_close(latent_decode(q, c_k, c_v, lens, w, *sel.args()[1:]).float(),
                                latent_decode_reference(q, c_k, c_v, lens, w, *sel.args()[1:]).float(), **TOL[dtype])
 

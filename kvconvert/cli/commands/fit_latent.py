@@ -2,18 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
-from ..options import (
-    add_calib_flags,
-    add_device_flags,
-    add_eval_flags,
-    add_heal_flags,
-    add_output_flags,
-    add_source_flags,
-    open_source,
-    pass_fields,
-)
+from ..options import add_pass_flags, add_source_flags, pass_config, run_pass
 
 
 def register(sub, common) -> None:
@@ -36,30 +25,23 @@ def register(sub, common) -> None:
                         "output weighted (attention) or plain K/V (none)")
     p.add_argument("--keep-full-layers", type=int, nargs="+", default=None, metavar="L",
                    help="layers kept at full width (negative counts from the end, e.g. 0 -1)")
-    add_output_flags(p)
-    add_calib_flags(p)
-    add_heal_flags(p)
-    add_device_flags(p)
-    add_eval_flags(p)
+    add_pass_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ...convert.latent import LatentConfig, fit_latent
 
-    flags = {"rank": args.rank, "kv_ratio": args.kv_ratio, "joint_kv": args.joint_kv, "allocation": args.allocation,
-             "metric": args.metric, "keep_full_layers": args.keep_full_layers, "device": args.device, **pass_fields(args)}
-    cfg = LatentConfig.parse({k: v for k, v in flags.items() if v is not None})
-    source = open_source(args)
-    result = fit_latent(source, cfg, args.out, overwrite=args.overwrite, progress=not getattr(args, "quiet", False))
-    m = result.metrics
-    if args.json:
-        print(json.dumps({"out": str(result.out), **m}, indent=2, default=str))
+    cfg = pass_config(LatentConfig, args, rank=args.rank, kv_ratio=args.kv_ratio, joint_kv=args.joint_kv,
+                      allocation=args.allocation, metric=args.metric, keep_full_layers=args.keep_full_layers)
+    result = run_pass(fit_latent, cfg, args)
+    if result is None:
         return 0
+    m = result.metrics
     print(f"wrote {result.out}: KV cache x{m['kv_fraction']:.3f} "
           f"({m['kv_bytes_per_token'][0]:,} -> {m['kv_bytes_per_token'][1]:,} bytes/token bf16), "
           f"calibration {m['calibration_seconds']:.1f}s")
     if "eval" in m:
-        print(f"perplexity {m['eval_base']['perplexity']:.3f} -> {m['eval']['perplexity']:.3f} "
+        print(f"perplexity {m['baseline_eval']['perplexity']:.3f} -> {m['eval']['perplexity']:.3f} "
               f"on {m['eval']['eval_text']}")
     return 0

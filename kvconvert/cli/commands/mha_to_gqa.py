@@ -2,20 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
-from ..options import (
-    add_calib_flags,
-    add_device_flags,
-    add_eval_flags,
-    add_heal_flags,
-    add_output_flags,
-    add_placement_flags,
-    add_source_flags,
-    open_source,
-    pass_fields,
-    placement_fields,
-)
+from ..options import add_pass_flags, add_source_flags, pass_config, placement_fields, run_pass
 
 
 def register(sub, common) -> None:
@@ -33,28 +20,19 @@ def register(sub, common) -> None:
                         "calibration statistics (calibrated), realised by permuting query heads)")
     p.add_argument("--no-align", dest="align", action="store_false", default=None,
                    help="mean: average heads as they are (default: rotate each onto its group per RoPE pair first)")
-    add_output_flags(p)
-    add_calib_flags(p)
-    add_heal_flags(p)
-    add_placement_flags(p)
-    add_device_flags(p)
-    add_eval_flags(p)
+    add_pass_flags(p, placement=True)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ...convert.gqa import GQAConfig, mha_to_gqa
 
-    flags = {"groups": args.groups, "method": args.method, "grouping": args.grouping, "align": args.align,
-             "device": args.device, **pass_fields(args),
-             "placement": placement_fields(args) or None}
-    cfg = GQAConfig.parse({k: v for k, v in flags.items() if v is not None})
-    source = open_source(args)
-    result = mha_to_gqa(source, cfg, args.out, overwrite=args.overwrite, progress=not getattr(args, "quiet", False))
-    m = result.metrics
-    if args.json:
-        print(json.dumps({"out": str(result.out), **m}, indent=2, default=str))
+    cfg = pass_config(GQAConfig, args, groups=args.groups, method=args.method, grouping=args.grouping,
+                      align=args.align, placement=placement_fields(args) or None)
+    result = run_pass(mha_to_gqa, cfg, args)
+    if result is None:
         return 0
+    m = result.metrics
     kv = m["kv_bytes_per_token"]
     print(f"wrote {result.out}: {m['kv_heads'][0]} -> {m['kv_heads'][1]} KV heads ({cfg.method}), "
           f"KV {kv[0]:,} -> {kv[1]:,} bytes/token")

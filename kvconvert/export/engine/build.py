@@ -132,6 +132,13 @@ def _register_plugin(trt, cfg: EngineConfig, meta: dict[str, Any]) -> None:
         register(trt)
 
 
+def check_engine_fits(onnx_bytes: int) -> None:
+    """UserError before TensorRT is imported when the build cannot fit this machine's RAM."""
+    from ..onnx import footprint
+
+    footprint.check_engine_fits(onnx_bytes)
+
+
 def export_engine(onnx_dir, cfg: EngineConfig, out, *, overwrite: bool = False, progress: bool = True) -> PassResult:
     """Build `out/model.plan` from `onnx_dir` (a `kvconvert export onnx` folder). Writes kvconvert.json with the
     TensorRT version, compute capabilities, profiles and the engine's I/O (names, dtypes, shapes, aliases)."""
@@ -142,6 +149,7 @@ def export_engine(onnx_dir, cfg: EngineConfig, out, *, overwrite: bool = False, 
     standard = attention_mode(meta) == "standard"
     if standard:
         check_standard_graph(cfg, meta)
+    check_engine_fits(sum(f.stat().st_size for f in onnx_dir.iterdir() if f.is_file() and f.suffix != ".json"))
     trt = import_backend(cfg.backend)
     if not standard:
         _register_plugin(trt, cfg, meta)

@@ -11,22 +11,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ... import resources
 from ...errors import UserError
 from ...models import dtype_bytes
 
 ONNX_RAM_COPIES = 3
 ENGINE_RAM_COPIES = 3
-
-
-def available_ram() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def _gib(n: float) -> str:
@@ -42,7 +32,7 @@ def export_needs(parameters: int, dtype: str, validate: bool = True) -> dict[str
 def check_export_fits(source, dtype: str, out: Path, validate: bool = True) -> dict[str, int]:
     """UserError, before anything is loaded, when the export cannot fit this machine's RAM or the disk of `out`."""
     need = export_needs(source.reader().num_parameters(), dtype, validate)
-    free = available_ram()
+    free = resources.available_ram()
     if free is not None and need["ram"] > free:
         smaller = " (or --dtype fp16)" if dtype == "fp32" else ""
         raise UserError(f"exporting {source.spec} to ONNX in {dtype} needs about {_gib(need['ram'])} of RAM "
@@ -65,7 +55,7 @@ def engine_needs(onnx_bytes: int) -> dict[str, int]:
 
 def check_engine_fits(onnx_bytes: int) -> None:
     need = engine_needs(onnx_bytes)
-    free = available_ram()
+    free = resources.available_ram()
     if free is not None and need["ram"] > free:
         raise UserError(f"building a TensorRT engine from {_gib(onnx_bytes)} of ONNX weights needs about "
                         f"{_gib(need['ram'])} of RAM but {_gib(free)} is available; build it on the GPU machine "

@@ -24,20 +24,14 @@ from __future__ import annotations
 from typing import Any
 
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
-from .attention_op import DOMAIN
 from .latent_function_body import _all_zero as all_zero
 from .latent_op import LATENT_OP_TYPE, latent_io
-from .standard_attention import MASK_KEYS, _mask_nodes
+from .standard_attention import _const, position_nodes, rewrite_attention
 
 RECORD = {"domain": "ai.onnx", "op_type": "Attention", "cache_update": "TensorScatter",
           "latent_rebuild": "MatMul+RMSNormalization+RotaryEmbedding", "latent_values": "absorbed"}
-
-
-def _const(name: str, values: list[int], scalar: bool = False) -> onnx.NodeProto:
-    return helper.make_node("Constant", [], [name], name=name,
-                            value=helper.make_tensor(name, TensorProto.INT64, [] if scalar else [len(values)], values))
 
 
 def _base_nodes() -> list[onnx.NodeProto]:
@@ -53,13 +47,7 @@ def _base_nodes() -> list[onnx.NodeProto]:
         n("ReduceMax", ["cache_length"], ["lat_cl_max"], name="lat_cl_max", keepdims=0),
         n("Add", ["lat_cl_max", "std_S"], ["lat_n"], name="lat_n"),
         n("Unsqueeze", ["lat_n", "std_axes0"], ["lat_n1"], name="lat_n1"),
-        n("Range", ["std_i0", "lat_n", "std_i1"], ["std_arange_t"], name="std_arange_t"),
-        n("Range", ["std_i0", "std_S", "std_i1"], ["std_arange_s"], name="std_arange_s"),
-        n("Unsqueeze", ["cache_length", "std_axes1"], ["std_cl"], name="std_cl"),
-        n("Add", ["std_cl", "std_arange_s"], ["lat_qpos"], name="lat_qpos"),
-        n("Unsqueeze", ["lat_qpos", "std_axes_1_3"], ["std_pos4"], name="std_pos4"),
-        n("LessOrEqual", ["std_arange_t", "std_pos4"], ["std_causal"], name="std_causal"),
-        n("Equal", ["std_S", "std_i1"], ["std_is_decode"], name="std_is_decode"),
+        *position_nodes("lat_n", "lat_qpos"),
         n("Unsqueeze", ["std_arange_t", "std_axes0"], ["lat_kpos1"], name="lat_kpos1"),
         n("Concat", ["lat_B1", "lat_n1"], ["lat_kpos_shape"], name="lat_kpos_shape", axis=0),
         n("Expand", ["lat_kpos1", "lat_kpos_shape"], ["lat_kpos"], name="lat_kpos"),
@@ -184,26 +172,6 @@ def _layer_nodes(node: onnx.NodeProto, attrs: dict[str, Any], mask: str, rotary_
 def lower_latent_to_standard(model: onnx.ModelProto, rotary_dim: int) -> int:
     """Rewrite every KVLatentAttention node of `model` (opset >= 24) in place (RoPE on the first `rotary_dim`
     dims of each head); drops the function and the `kvconvert` domain. Returns the number of distinct masks."""
-    masks: dict[tuple[int, ...], str] = {}
-    body: list[onnx.NodeProto] = []
-    tables: dict[str, str] = {}
-    for node in model.graph.node:
-        if node.domain != DOMAIN or node.op_type != LATENT_OP_TYPE:
-            body.append(node)
-            continue
-        node.name = node.name or f"kv_attention_{len(body)}"
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        key = tuple(int(attrs.get(k, 0)) for k in MASK_KEYS)
-        mask = masks.setdefault(key, f"std_mask_{len(masks)}")
-        body += _layer_nodes(node, attrs, mask, rotary_dim, tables, model)
-    head = _base_nodes() + [m for key, name in masks.items() for m in _mask_nodes(key, name)]
-    del model.graph.node[:]
-    model.graph.node.extend(head + body)
-    kept = [f for f in model.functions if not (f.domain == DOMAIN and f.name == LATENT_OP_TYPE)]
-    del model.functions[:]
-    model.functions.extend(kept)
-    if not any(nd.domain == DOMAIN for nd in model.graph.node) and not model.functions:
-        imports = [o for o in model.opset_import if o.domain != DOMAIN]
-        del model.opset_import[:]
-        model.opset_import.extend(imports)
-    return len(masks)
+    tables: dict[str, str] = {}  # rope table -> its half, made once for all layers
+    return rewrite_attention(model, LATENT_OP_TYPE, _base_nodes(),
+                             lambda node, attrs, mask: _layer_nodes(node, attrs, mask, rotary_dim, tables, model))

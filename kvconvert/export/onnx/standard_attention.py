@@ -16,6 +16,7 @@ These are the semantics of `attention_op.kv_attention_reference` for dense and s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import onnx
@@ -61,11 +62,21 @@ def _base_nodes() -> list[onnx.NodeProto]:
         n("ReduceMax", ["cache_length"], ["std_cl_max1"], name="std_cl_max1", keepdims=1),
         n("Add", ["std_cl_max1", "std_S1"], ["std_L1"], name="std_L1"),
         n("Squeeze", ["std_L1", "std_axes0"], ["std_L"], name="std_L"),
-        n("Range", ["std_i0", "std_L", "std_i1"], ["std_arange_t"], name="std_arange_t"),
+        *position_nodes("std_L", "std_pos"),
+    ]
+
+
+def position_nodes(filled: str, pos: str) -> list[onnx.NodeProto]:
+    """What `_mask_nodes` reads, from `filled` (int64 scalar, the L filled slots): std_arange_t [L], `pos` [B,S]
+    (t = cache_length[b] + s), std_pos4 [B,1,S,1], std_causal bool [B,1,S,L] (j <= t), std_is_decode (S == 1).
+    Reads std_S, std_i0, std_i1, std_axes1, std_axes_1_3 and cache_length."""
+    n = helper.make_node
+    return [
+        n("Range", ["std_i0", filled, "std_i1"], ["std_arange_t"], name="std_arange_t"),
         n("Range", ["std_i0", "std_S", "std_i1"], ["std_arange_s"], name="std_arange_s"),
         n("Unsqueeze", ["cache_length", "std_axes1"], ["std_cl"], name="std_cl"),
-        n("Add", ["std_cl", "std_arange_s"], ["std_pos"], name="std_pos"),
-        n("Unsqueeze", ["std_pos", "std_axes_1_3"], ["std_pos4"], name="std_pos4"),
+        n("Add", ["std_cl", "std_arange_s"], [pos], name=pos),
+        n("Unsqueeze", [pos, "std_axes_1_3"], ["std_pos4"], name="std_pos4"),
         n("LessOrEqual", ["std_arange_t", "std_pos4"], ["std_causal"], name="std_causal"),
         n("Equal", ["std_S", "std_i1"], ["std_is_decode"], name="std_is_decode"),
     ]
@@ -122,21 +133,29 @@ def lower_to_standard(model: onnx.ModelProto, max_context: int | None = None) ->
     """Rewrite every KVAttention node of `model` (opset >= 24) in place; drops the KVAttention function and the
     `kvconvert` domain. The graph must have the `input_ids` [B, S] and `cache_length` [B] inputs (S and the
     slots of the masks come from them). Returns the number of distinct masks built."""
+    return rewrite_attention(model, OP_TYPE, _base_nodes(), _attention_nodes)
+
+
+def rewrite_attention(model: onnx.ModelProto, op_type: str, base: list[onnx.NodeProto],
+                      layer: Callable[[onnx.NodeProto, dict[str, Any], str], list[onnx.NodeProto]]) -> int:
+    """Replace every `kvconvert::<op_type>` node of `model` in place by `layer(node, attrs, mask name)`, after the
+    `base` nodes and one mask per distinct MASK_KEYS rule (`_mask_nodes`); drops the op's function and, once
+    unused, the `kvconvert` domain. Returns the number of distinct masks."""
     masks: dict[tuple[int, ...], str] = {}
     body: list[onnx.NodeProto] = []
     for node in model.graph.node:
-        if node.domain != DOMAIN or node.op_type != OP_TYPE:
+        if node.domain != DOMAIN or node.op_type != op_type:
             body.append(node)
             continue
         node.name = node.name or f"kv_attention_{len(body)}"
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         key = tuple(int(attrs.get(k, 0)) for k in MASK_KEYS)
         mask = masks.setdefault(key, f"std_mask_{len(masks)}")
-        body += _attention_nodes(node, attrs, mask)
-    head = _base_nodes() + [m for key, name in masks.items() for m in _mask_nodes(key, name)]
+        body += layer(node, attrs, mask)
+    head = base + [m for key, name in masks.items() for m in _mask_nodes(key, name)]
     del model.graph.node[:]
     model.graph.node.extend(head + body)
-    kept = [f for f in model.functions if not (f.domain == DOMAIN and f.name == OP_TYPE)]
+    kept = [f for f in model.functions if not (f.domain == DOMAIN and f.name == op_type)]
     del model.functions[:]
     model.functions.extend(kept)
     if not any(nd.domain == DOMAIN for nd in model.graph.node) and not model.functions:
