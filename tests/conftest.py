@@ -124,3 +124,14 @@ def cli(capsys):
 
 
 __all__ = ["TINY", "tiny_model"]
+
+
+@pytest.fixture(scope="session")
+def tiny_mqa_pair(tiny_folder, tmp_path_factory):
+    """(teacher folder, student folder): the tiny llama and its mean-pooled MQA conversion."""
+    from kvconvert.convert.gqa import GQAConfig, mha_to_gqa
+
+    src = tiny_folder("llama")
+    out = tmp_path_factory.mktemp("mqa") / "mqa"
+    mha_to_gqa(src, GQAConfig(groups=1, evaluate=False), out, progress=False)
+    return src, out

@@ -5,18 +5,11 @@ import torch
 
 from kvconvert.convert.heal import HealConfig, heal, heal_batches, kd_loss, trainable_parameters
 from kvconvert.errors import UserError
-from tiny_models import tiny_model
+from tiny_models import perturbed_pair
 
 
 def _pair():
-    teacher = tiny_model("llama")
-    student = copy.deepcopy(teacher)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in student.named_parameters():
-            if "self_attn" in name:
-                p.add_(0.05 * torch.randn_like(p))
-    return student, teacher
+    return perturbed_pair()
 
 
 def _kl(student, teacher, ids):

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvconvert.convert.gqa import GQAConfig, mha_to_gqa
 from kvconvert.convert.heal_distributed import Parallel, setup
 from kvconvert.convert.heal_pass import HealPassConfig, heal_model
 from kvconvert.errors import UserError
@@ -45,11 +44,8 @@ def torchrun(*args, nproc=2, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_folder, tmp_path_factory):
-    src = tiny_folder("llama")
-    out = tmp_path_factory.mktemp("mqa") / "mqa"
-    mha_to_gqa(src, GQAConfig(groups=1, evaluate=False), out, progress=False)
-    return src, out
+def pair(tiny_mqa_pair):
+    return tiny_mqa_pair
 
 
 def _weights(folder):
@@ -111,19 +107,9 @@ def test_two_processes_match_one(pair, latent, tmp_path, parallel, extra, kind):
 RESUME = """
 import copy, os, sys, tempfile, torch
 sys.path.insert(0, {tests!r})
-from tiny_models import tiny_model
+from tiny_models import perturbed_pair as pair
 from kvconvert.convert.heal import HealConfig, heal
 from kvconvert.convert.heal_distributed import setup
-
-def pair():
-    teacher = tiny_model("llama")
-    student = copy.deepcopy(teacher)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in student.named_parameters():
-            if "self_attn" in n:
-                p.add_(0.05 * torch.randn_like(p))
-    return student, teacher
 
 par, _ = setup("fsdp", "cpu")
 data = [torch.randint(3, 150, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(5)]

@@ -8,7 +8,6 @@ import textwrap
 import pytest
 import torch
 
-from kvconvert.convert.gqa import GQAConfig, mha_to_gqa
 from kvconvert.convert.heal import kd_loss
 from kvconvert.convert.heal_pass import HealPassConfig, heal_model
 from kvconvert.io import provenance
@@ -22,12 +21,8 @@ def _data(n=24, s=32):
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_folder, tmp_path_factory):
-    """(teacher folder, student folder): the tiny llama and its mean-pooled MQA conversion."""
-    src = tiny_folder("llama")
-    out = tmp_path_factory.mktemp("mqa") / "mqa"
-    mha_to_gqa(src, GQAConfig(groups=1, evaluate=False), out, progress=False)
-    return src, out
+def pair(tiny_mqa_pair):
+    return tiny_mqa_pair
 
 
 @torch.no_grad()

@@ -74,3 +74,19 @@ def tiny_tokenizer():
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<unk>")
+
+
+def perturbed_pair(model_type: str = "llama", scale: float = 0.05, seed: int = 1):
+    """(student, teacher): a tiny model and a copy whose attention weights carry seeded noise (something to heal)."""
+    import copy
+
+    import torch
+
+    teacher = tiny_model(model_type)
+    student = copy.deepcopy(teacher)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "self_attn" in name:
+                p.add_(scale * torch.randn_like(p))
+    return student, teacher
