@@ -196,14 +196,16 @@ class LayerMerger:
         """The plain mean of one K/V-holding tensor; merge errors of its weight rows recorded per layer."""
         layer, role = self.kv_roles[name]
         view, m = self.view, self.view.num_kv_heads // self.groups
-        if role in ("k", "v", "qkv"):
-            parts = split_fused(t, view.num_heads, view.num_kv_heads, view.head_dim)[1:] if role == "qkv" else (t,)
-            for side, x in zip(("key", "value") if role == "qkv" else (("key",) if role == "k" else ("value",)),
-                               parts):
-                x = x.reshape(self.groups, m, view.head_dim, -1)
-                err = sum(merge_error(x[g]) for g in range(self.groups)) / self.groups
-                figs = self.layers.setdefault(layer, {"kv_order": list(range(view.num_kv_heads))})
-                figs[f"{side}_error"] = figs[f"{side}_error_aligned"] = err
+        if role == "qkv":
+            _, k, v = split_fused(t, view.num_heads, view.num_kv_heads, view.head_dim)
+            sides = {"key": k, "value": v}
+        else:
+            sides = {"k": {"key": t}, "v": {"value": t}}.get(role, {})  # biases: no merge error of their own
+        figs = self.layers.setdefault(layer, {"kv_order": list(range(view.num_kv_heads))})
+        for side, x in sides.items():
+            x = x.reshape(self.groups, m, view.head_dim, -1)
+            figs[f"{side}_error"] = figs[f"{side}_error_aligned"] = \
+                sum(merge_error(x[g]) for g in range(self.groups)) / self.groups
         return mean_pool_tensor(view, role, t, self.groups)
 
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
